@@ -1,0 +1,343 @@
+"""The ``qis-beam`` command line (spec section 8).
+
+Beam pipeline options (``--runner``, ``--project``, ...) pass through to the pipeline; any
+other unknown flag is an error. Bad arguments print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from qis_beam.durations import parse_duration_ms
+
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+
+
+class UsageError(Exception):
+    """A bad command-line argument: one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # never swallow a Beam option by prefix
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # one clear line instead of usage + message
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration_ms(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1]: {text!r}")
+    return value
+
+
+def _add_pipeline_options(p: argparse.ArgumentParser, streaming: bool) -> None:
+    g = p.add_argument_group("ingestion (spec section 4)")
+    g.add_argument("--node-registry", help="file of hex Ed25519 public keys allowed to send")
+    g.add_argument("--allow-unsigned", action="store_true", help="accept envelopes without signature")
+    g.add_argument("--max-packet-bytes", type=_positive_int, default=1024)
+    g.add_argument("--max-clock-skew", type=_duration, default="5m")
+    g.add_argument("--dedupe-ttl", type=_duration, default="24h", help="streaming dedupe horizon")
+    g.add_argument("--dedupe-shards", type=_positive_int, default=8, help="batch dedupe groups")
+    g = p.add_argument_group("synthesis (spec sections 5-6)")
+    g.add_argument("--window", type=_duration, default="1h", help="event-time window size")
+    g.add_argument("--window-period", type=_duration, help="sliding windows: period (divides --window)")
+    g.add_argument("--allowed-lateness", type=_duration, default="1h")
+    g.add_argument("--early-firing-count", type=_non_negative_int, default=0 if not streaming else 100)
+    g.add_argument(
+        "--early-firing-delay", type=_duration, default=None,
+        help="streaming runners only: processing-time early panes",
+    )
+    g.add_argument("--min-support", type=_positive_int, default=3)
+    g.add_argument("--top-k", type=_positive_int, default=10)
+    g.add_argument("--min-nodes", type=_non_negative_int, default=1)
+    g.add_argument("--emit-every", type=_duration, default="10m", help="all-time snapshot period")
+    g.add_argument("--state-ttl", type=_duration, default="7d", help="forget idle addresses")
+    g.add_argument("--hot-key-fanout", type=_non_negative_int, default=0)
+    g.add_argument("--read-batch-size", type=_positive_int, default=50_000, help=argparse.SUPPRESS)
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(
+        prog="qis-beam",
+        description="Route and synthesise ML training outcomes by semantic address on Apache Beam.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("simulate", help="write a synthetic swarm's signed packet logs")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--nodes", type=_positive_int, default=200)
+    p.add_argument("--addresses", type=_positive_int, default=20)
+    p.add_argument("--approaches", type=_positive_int, default=12)
+    p.add_argument("--packets", type=_positive_int, default=100_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--duplicate-fraction", type=_fraction, default=0.01)
+    p.add_argument("--malformed-fraction", type=_fraction, default=0.005)
+    p.add_argument("--late-fraction", type=_fraction, default=0.02)
+    p.add_argument("--shards", type=_positive_int, default=4)
+    p.add_argument("--unsigned", action="store_true", help="write unsigned envelopes")
+    p.add_argument("--address-skew", type=float, default=0.0, help="zipf exponent of packets per address")
+
+    p = sub.add_parser("backfill", help="batch synthesis of packet logs (FnApiRunner by default)")
+    p.add_argument("--input", required=True, help="glob of TFRecord packet logs (local or gs://)")
+    p.add_argument("--output", required=True, help="output directory (local or gs://)")
+    _add_pipeline_options(p, streaming=False)
+
+    p = sub.add_parser("query", help="print the latest synthesis for an address")
+    p.add_argument("--store", required=True, help="path to intelligence.db")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--address", help="hex semantic address")
+    target.add_argument("--template", help="template id; with --context computes the address")
+    p.add_argument("--context", nargs="+", metavar="K=V", default=[], help="problem context pairs")
+    p.add_argument("--window", action="store_true", help="list the address's windows instead")
+
+    p = sub.add_parser("demo", help="simulate a swarm, backfill it and query it (the main job)")
+    p.add_argument("--out", default="qis-demo", help="working directory (default ./qis-demo)")
+    p.add_argument("--packets", type=_positive_int, default=100_000)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _settings(args: argparse.Namespace):
+    from qis_beam.settings import Settings, StreamSettings, WindowSettings
+    from qis_beam.signing import load_registry
+    from qis_beam.synthesis import SynthesisParams
+    from qis_beam.validation import ValidationPolicy
+
+    registry = None
+    if args.node_registry:
+        try:
+            registry = load_registry(args.node_registry)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--node-registry: {error}") from None
+    import time
+
+    try:
+        windows = WindowSettings(
+            size_ms=args.window,
+            period_ms=args.window_period,
+            allowed_lateness_ms=args.allowed_lateness,
+            early_firing_count=args.early_firing_count,
+            early_firing_delay_ms=args.early_firing_delay or 0,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return Settings(
+        validation=ValidationPolicy(
+            max_packet_bytes=args.max_packet_bytes,
+            allow_unsigned=args.allow_unsigned,
+            registry=registry,
+            max_clock_skew_ms=args.max_clock_skew,
+            now_ms=int(time.time() * 1000),  # one clock for the whole run
+        ),
+        synthesis=SynthesisParams(
+            min_support=args.min_support, top_k=args.top_k, min_nodes=args.min_nodes
+        ),
+        windows=windows,
+        stream=StreamSettings(
+            emit_every_ms=args.emit_every,
+            state_ttl_ms=args.state_ttl,
+            dedupe_ttl_ms=args.dedupe_ttl,
+            watermark_delay_ms=getattr(args, "watermark_delay", 60_000),
+        ),
+        dedupe_shards=args.dedupe_shards,
+        read_batch_size=args.read_batch_size,
+        hot_key_fanout=args.hot_key_fanout,
+    )
+
+
+def _check_beam_args(beam_args: Sequence[str]) -> None:
+    """Unknown flags must be Beam pipeline options; anything else is a usage error."""
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)
+    try:
+        _, unknown = parser.parse_known_args(list(beam_args))
+    except SystemExit:
+        raise UsageError(f"bad Beam pipeline option in: {' '.join(beam_args)}") from None
+    if unknown:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+
+
+def _check_input(pattern: str) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        matched = FileSystems.match([pattern])[0].metadata_list
+    except Exception as error:  # noqa: BLE001 - any filesystem failure is a bad --input
+        raise UsageError(f"--input {pattern}: {error}") from None
+    if not matched:
+        raise UsageError(f"--input {pattern}: no files match")
+
+
+def _print_outputs(summary: dict) -> None:
+    balance = "balances" if summary["balanced"] else "DOES NOT BALANCE"
+    dead = summary["dead_letters"]
+    print(
+        f"records_in={summary['records_in']} valid={summary['valid']} "
+        f"duplicates={summary['duplicates']} dead_letters={dead['total']} "
+        f"too_late={summary['too_late']} ({balance}); addresses={summary['addresses']} "
+        f"windows={summary['windows']}; {summary['wall_time_s']:.1f}s on {summary['runner']}"
+    )
+    for name, path in summary["outputs"].items():
+        print(f"  {name}: {path}")
+
+
+def cmd_simulate(args, beam_args) -> int:
+    if beam_args:
+        raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
+    from qis_beam.simulate import SwarmConfig, simulate
+
+    config = SwarmConfig(
+        nodes=args.nodes,
+        addresses=args.addresses,
+        approaches=args.approaches,
+        packets=args.packets,
+        seed=args.seed,
+        duplicate_fraction=args.duplicate_fraction,
+        malformed_fraction=args.malformed_fraction,
+        late_fraction=args.late_fraction,
+        shards=args.shards,
+        signed=not args.unsigned,
+        address_skew=args.address_skew,
+    )
+
+    def progress(done: int, total: int) -> None:
+        if total >= 50_000:
+            print(f"\r  simulated {done}/{total} packets", end="", file=sys.stderr, flush=True)
+
+    report = simulate(args.out, config, progress=progress)
+    if config.packets >= 50_000:
+        print(file=sys.stderr)
+    print(
+        f"wrote {report.records} records ({report.valid} valid, {report.duplicates} duplicates, "
+        f"{sum(report.malformed_by_reason.values())} malformed) to {args.out}"
+    )
+    for path in report.files:
+        print(f"  {path}")
+    return 0
+
+
+def cmd_backfill(args, beam_args) -> int:
+    from qis_beam.jobs import pipeline_options, run_job
+    from qis_beam.pipelines.backfill import build_backfill
+
+    _check_beam_args(beam_args)
+    _check_input(args.input)
+    settings = _settings(args)
+    options = pipeline_options(beam_args, default_runner="FnApiRunner")
+    summary = run_job(
+        lambda p: build_backfill(p, args.input, args.output, settings), args.output, options
+    )
+    _print_outputs(summary)
+    return 0
+
+
+def _query_address(args) -> str:
+    if args.address:
+        address = args.address.lower()
+        try:
+            if len(bytes.fromhex(address)) != 32:
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"--address must be 64 hex characters: {args.address!r}") from None
+        return address
+    from qis_beam.address import parse_context_pairs, semantic_address
+
+    if not args.context:
+        raise UsageError("--template needs --context k=v ...")
+    try:
+        return semantic_address(args.template, parse_context_pairs(args.context)).hex()
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def cmd_query(args, beam_args) -> int:
+    if beam_args:
+        raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
+    from qis_beam.store import IntelligenceStore, StoreNotFound
+
+    address = _query_address(args)
+    try:
+        store = IntelligenceStore(args.store)
+    except StoreNotFound as error:
+        print(f"qis-beam query: {error}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    with store:
+        result = store.windows(address) if args.window else store.latest(address)
+    if not result:
+        print(f"qis-beam query: no synthesis for address {address}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_demo(args, beam_args) -> int:
+    from qis_beam.demo import run_demo
+
+    _check_beam_args(beam_args)
+    return run_demo(args.out, packets=args.packets, seed=args.seed, beam_args=beam_args)
+
+
+COMMANDS = {
+    "simulate": cmd_simulate,
+    "backfill": cmd_backfill,
+    "query": cmd_query,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = None
+    try:
+        args, beam_args = _build_parser().parse_known_args(argv)
+        return COMMANDS[args.command](args, beam_args)
+    except UsageError as error:
+        message = str(error)
+        if args is not None and not message.startswith("qis-beam"):
+            message = f"qis-beam {args.command}: {message}"
+        print(message, file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

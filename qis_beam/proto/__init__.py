@@ -1,0 +1,1 @@
+"""Generated protobuf modules for the qis.v1 wire contract (built from protos/ at install)."""

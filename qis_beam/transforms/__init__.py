@@ -1,0 +1,1 @@
+"""Beam transforms of qis-beam; ``pipelines/`` wires them to sources and sinks."""

@@ -1,0 +1,75 @@
+"""Packaging for qis-beam.
+
+The protobuf wire contract in ``protos/`` is compiled with grpcio-tools into
+``qis_beam/proto/`` on every build (``pip install .`` and ``pip install -e .``);
+the generated modules are not committed. ``pipelines/`` and ``runners/`` live at the
+top of the repository and are reached as ``qis_beam.pipelines`` / ``qis_beam.runners``
+through symlinks inside ``qis_beam/``, so they work the same from a checkout, an
+editable install and a wheel, and never claim generic top-level module names.
+"""
+
+import pathlib
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = pathlib.Path(__file__).parent.resolve()
+PROTO_ROOT = ROOT / "protos"
+PROTO_OUT = ROOT / "qis_beam" / "proto"
+
+
+def compile_protos() -> None:
+    """Compile protos/qis/v1/*.proto into qis_beam/proto/<name>_pb2.py."""
+    import shutil
+    import tempfile
+
+    from grpc_tools import protoc
+
+    sources = sorted(PROTO_ROOT.glob("qis/v1/*.proto"))
+    if not sources:
+        raise RuntimeError(f"no .proto files under {PROTO_ROOT}")
+    include = pathlib.Path(protoc.__file__).parent / "_proto"
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={tmp}"]
+        if protoc.main(args + [str(s) for s in sources]) != 0:
+            raise RuntimeError("protoc failed on " + ", ".join(map(str, sources)))
+        # Descriptor names stay "qis/v1/<name>.proto" (unique in the global pool); the
+        # modules import nothing of each other, so they can live flat in qis_beam.proto.
+        for generated in pathlib.Path(tmp, "qis", "v1").glob("*_pb2.py"):
+            shutil.copy(generated, PROTO_OUT / generated.name)
+
+
+class BuildPyWithProtos(build_py):
+    def run(self):
+        compile_protos()
+        super().run()
+
+
+setup(
+    name="qis-beam",
+    version="0.1.0",
+    description="Outcome routing for ML training swarms on Apache Beam",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "qis_beam",
+        "qis_beam.proto",
+        "qis_beam.transforms",
+        "qis_beam.pipelines",
+        "qis_beam.runners",
+    ],
+    package_data={"qis_beam.runners": ["*.yaml", "flink/*", "dataflow/*"]},
+    cmdclass={"build_py": BuildPyWithProtos},
+    install_requires=[
+        "apache-beam[gcp]>=2.77.0,<2.78",
+        # Runtime must be at least the gencode version (6.33.5 from grpcio-tools 1.81).
+        "protobuf>=6.33.5,<7",
+        "numpy>=1.26,<3",
+        "pynacl>=1.5,<2",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["qis-beam=qis_beam.cli:main"]},
+)
