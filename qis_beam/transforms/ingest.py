@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 import apache_beam as beam
 from apache_beam.pvalue import TaggedOutput
 
+from qis_beam.dedupe import dedupe
 from qis_beam.proto import packet_pb2
 from qis_beam.transforms.deadletters import DEAD_LETTERS, counter, dead_letter
 from qis_beam.validation import DUPLICATE_REASON, Rejection, ValidationPolicy, validate
@@ -58,36 +59,19 @@ class _DedupeShardFn(beam.DoFn):
 
     def process(self, element: tuple[str, Iterable[ShardSlice]]) -> Iterator:
         _, slices = element
-        first: dict[bytes, tuple[bytes, str]] = {}
-        repeats: dict[bytes, list[tuple[bytes, str]]] = {}
-        for source, items in slices:
-            for packet_id, record in items:
-                if packet_id in first:
-                    repeats.setdefault(packet_id, []).append((record, source))
-                else:
-                    first[packet_id] = (record, source)
-        duplicates = 0
-        for packet_id, others in repeats.items():
-            copies = [(payload_of(record), record, source) for record, source in others]
-            record, source = first[packet_id]
-            copies.append((payload_of(record), record, source))
-            kept_payload = min(payload for payload, _, _ in copies)
-            kept = None
-            for payload, record, source in copies:
-                if payload != kept_payload:
-                    detail = "same packet_id as a packet with a smaller payload, which is kept"
-                    yield TaggedOutput(
-                        DEAD_LETTERS, dead_letter(DUPLICATE_REASON, detail, record, packet_id, source)
-                    )
-                elif kept is None:
-                    kept = record
-                else:
-                    duplicates += 1
-            first[packet_id] = (kept, "")
-        counter("duplicates").inc(duplicates)
-        counter("valid").inc(len(first))
+        copies = (
+            (packet_id, record, source) for source, items in slices for packet_id, record in items
+        )
+        result = dedupe(copies, payload_of)
+        for packet_id, record, source in result.conflicts:
+            detail = "same packet_id as a packet with a smaller payload, which is kept"
+            yield TaggedOutput(
+                DEAD_LETTERS, dead_letter(DUPLICATE_REASON, detail, record, packet_id, source)
+            )
+        counter("duplicates").inc(result.duplicates)
+        counter("valid").inc(len(result.kept))
         # Payload bytes, not parsed messages, cross transform boundaries: they encode cheaply.
-        yield [payload_of(record) for record, _ in first.values()]
+        yield [payload_of(record) for record in result.kept.values()]
 
 
 class IngestBatches(beam.PTransform):

@@ -1,0 +1,150 @@
+"""Backfill on the FnApiRunner: ingestion accounting, dead letters, dedupe, outputs."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from conftest import HOUR_MS, T0_MS, fnapi_options, make_record, node_key
+
+from qis_beam.jobs import run_job
+from qis_beam.pipelines.backfill import build_backfill
+from qis_beam.settings import Settings
+from qis_beam.store import IntelligenceStore
+from qis_beam.tfrecords import write_record
+from qis_beam.transforms.ingest import payload_of
+from qis_beam.transforms.outputs import read_json_lines
+from qis_beam.validation import ValidationPolicy
+
+NOW = T0_MS + 48 * HOUR_MS
+
+
+def write_log(path, records):
+    with open(path, "wb") as f:
+        for record in records:
+            write_record(f, record)
+
+
+def backfill(tmp_path, shards: dict[str, list[bytes]], **settings_kw):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, records in shards.items():
+        write_log(inputs / name, records)
+    output = str(tmp_path / "out")
+    settings = Settings(validation=ValidationPolicy(now_ms=NOW), **settings_kw)
+    summary = run_job(
+        lambda p: build_backfill(p, str(inputs / "*.tfrecord"), output, settings),
+        output,
+        fnapi_options(),
+    )
+    return summary, output
+
+
+def pid(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def test_accounting_dedupe_and_dead_letters(tmp_path):
+    a, b = node_key(1), node_key(2)
+    good = [make_record(a, packet_id=pid(i), event_time_ms=T0_MS + i * 60_000,
+                        emit_time_ms=T0_MS + i * 60_000) for i in range(20)]
+    replay = good[:3]  # exact copies in another shard
+    conflict_low = make_record(b, packet_id=pid(100), outcome_delta=0.5)
+    conflict_high = make_record(b, packet_id=pid(100), outcome_delta=0.9)
+    low, high = sorted([conflict_low, conflict_high], key=payload_of)
+    garbage = b"\x00not a packet"
+    truncated = make_record(a, packet_id=pid(200))[:-1]
+    summary, output = backfill(
+        tmp_path,
+        {
+            "packets-0.tfrecord": good[:10] + [high, garbage],
+            "packets-1.tfrecord": good[10:] + replay + [low, truncated],
+        },
+        dedupe_shards=3,
+        read_batch_size=4,
+    )
+    assert summary["records_in"] == 20 + 3 + 2 + 2
+    assert summary["valid"] == 21  # 20 good + the conflict winner
+    assert summary["duplicates"] == 3
+    assert summary["dead_letters"]["by_reason"]["conflicting_duplicate"] == 1
+    assert summary["dead_letters"]["total"] == 3
+    assert summary["balanced"] is True
+    dead = list(read_json_lines(output, "dead_letters"))
+    by_reason = {d["reason"]: d for d in dead}
+    conflict = by_reason["conflicting_duplicate"]
+    assert base64.b64decode(conflict["record_b64"]) == high
+    assert conflict["packet_id"] == pid(100).hex()
+    assert conflict["source"].endswith("packets-0.tfrecord")
+    raw_dead = {base64.b64decode(d["record_b64"]): d["reason"] for d in dead}
+    assert raw_dead[garbage] == "undecodable"
+    assert raw_dead[truncated] in {"undecodable", "bad_signature"}
+    for d in dead:
+        assert set(d) == {"reason", "detail", "record_b64", "packet_id", "source"}
+    with open(f"{output}/summary.json") as f:
+        assert json.load(f)["records_in"] == summary["records_in"]
+
+
+def test_outputs_windows_store_and_idempotence(tmp_path):
+    a, b, c = node_key(1), node_key(2), node_key(3)
+    records = []
+    for i in range(12):
+        key = (a, b, c)[i % 3]
+        # packets 0-5 in the first hour (one exactly at the window start), 6-11 in the second
+        t = T0_MS + (0 if i < 6 else HOUR_MS) + (i % 6) * 60_000
+        records.append(make_record(key, packet_id=pid(i), event_time_ms=t, emit_time_ms=t,
+                                   outcome_type=1 + i % 3))
+    summary, output = backfill(tmp_path, {"packets-0.tfrecord": records})
+    assert summary["addresses"] == 1 and summary["windows"] == 2
+    synthesis = list(read_json_lines(output, "synthesis"))
+    windowed = sorted((r for r in synthesis if r["window_start_ms"] is not None),
+                      key=lambda r: r["window_start_ms"])
+    all_time = [r for r in synthesis if r["window_start_ms"] is None]
+    assert [w["window_start_ms"] for w in windowed] == [T0_MS, T0_MS + HOUR_MS]
+    assert [w["window_end_ms"] for w in windowed] == [T0_MS + HOUR_MS, T0_MS + 2 * HOUR_MS]
+    assert [w["n_packets"] for w in windowed] == [6, 6]
+    assert windowed[0]["first_event_ms"] == T0_MS
+    assert len(all_time) == 1 and all_time[0]["n_packets"] == 12
+    assert all_time[0]["n_nodes"] == 3 and all_time[0]["synthesis_paths"] == 3
+    assert all_time[0]["window_end_ms"] is None
+    assert all_time[0]["pane"] == {"timing": "ON_TIME", "index": 0, "is_last": True}
+
+    db = f"{output}/intelligence.db"
+    with IntelligenceStore(db) as store:
+        first = (store.latest(all_time[0]["address"]), store.windows(all_time[0]["address"]))
+    assert first[0] == all_time[0]
+    # Re-running the same backfill into the same output yields the same store.
+    output2 = str(tmp_path / "out")
+    settings = Settings(validation=ValidationPolicy(now_ms=NOW))
+    run_job(lambda p: build_backfill(p, str(tmp_path / "in" / "*.tfrecord"), output2, settings),
+            output2, fnapi_options())
+    with IntelligenceStore(db) as store:
+        again = (store.latest(all_time[0]["address"]), store.windows(all_time[0]["address"]))
+    assert again == first
+
+
+def test_corrupt_shard_tail_is_one_dead_letter(tmp_path):
+    records = [make_record(node_key(1), packet_id=pid(i)) for i in range(5)]
+    summary, output = backfill(tmp_path, {"packets-0.tfrecord": records})
+    path = tmp_path / "in" / "packets-0.tfrecord"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    output2 = str(tmp_path / "out2")
+    settings = Settings(validation=ValidationPolicy(now_ms=NOW))
+    summary = run_job(lambda p: build_backfill(p, str(path), output2, settings), output2,
+                      fnapi_options())
+    assert summary["dead_letters"]["by_reason"]["undecodable"] == 1
+    assert summary["valid"] < 5 and summary["balanced"]
+    dead = list(read_json_lines(output2, "dead_letters"))
+    assert "corrupt TFRecord framing" in dead[0]["detail"]
+
+
+@pytest.mark.parametrize("fanout", [0, 3])
+def test_hot_key_fanout_gives_same_result(tmp_path, fanout):
+    records = [make_record(node_key(i % 4), packet_id=pid(i), event_time_ms=T0_MS + i * 1000)
+               for i in range(30)]
+    summary, output = backfill(tmp_path, {"packets-0.tfrecord": records}, hot_key_fanout=fanout,
+                               read_batch_size=7)
+    all_time = [r for r in read_json_lines(output, "synthesis") if r["window_start_ms"] is None]
+    assert all_time[0]["n_packets"] == 30 and all_time[0]["n_nodes"] == 4
