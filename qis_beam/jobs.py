@@ -7,6 +7,7 @@ intelligence store (one process, one transaction) and writing summary.json.
 from __future__ import annotations
 
 import os
+from collections import Counter
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from qis_beam.store import IntelligenceStore
 from qis_beam.summary import build_summary, counters, write_summary
 from qis_beam.transforms.outputs import (
+    DEAD_LETTERS_PREFIX,
     SYNTHESIS_PREFIX,
     output_path,
     read_json_lines,
@@ -37,11 +39,9 @@ def pipeline_options(beam_args: Sequence[str], default_runner: str, **overrides)
     return options
 
 
-def load_store(output_dir: str) -> tuple[str, int, int]:
-    """Load the run's synthesis into ``<output_dir>/intelligence.db``: (path, addresses, windows)."""
+def load_store(output_dir: str) -> tuple[str, list[dict[str, Any]]]:
+    """Load the run's synthesis into ``<output_dir>/intelligence.db``: (path, records)."""
     records = list(read_json_lines(output_dir, SYNTHESIS_PREFIX))
-    addresses = {r["address"] for r in records}
-    windows = {(r["window_start_ms"], r["window_end_ms"]) for r in records if r["window_start_ms"] is not None}
     target = output_path(output_dir, STORE_NAME)
     local = FileSystems.get_scheme(target) in (None, "file")
     if local:
@@ -54,7 +54,7 @@ def load_store(output_dir: str) -> tuple[str, int, int]:
                 store.load(records)
             with open(path, "rb") as src, FileSystems.create(target) as dst:
                 dst.write(src.read())
-    return target, len(addresses), len(windows)
+    return target, records
 
 
 def run_job(
@@ -71,16 +71,20 @@ def run_job(
     build(pipeline)
     result = pipeline.run()
     result.wait_until_finish()
-    store_path, addresses, windows = load_store(output_dir)
+    store_path, records = load_store(output_dir)
+    reasons = Counter(d["reason"] for d in read_json_lines(output_dir, DEAD_LETTERS_PREFIX))
+    windowed = [r for r in records if r["window_start_ms"] is not None]
     summary = build_summary(
         counters(result),
+        dead_letter_reasons=dict(reasons),
+        synthesis_records={"windowed": len(windowed), "all_time": len(records) - len(windowed)},
         runner=options.view_as(StandardOptions).runner,
         wall_time_s=time.perf_counter() - started,
-        addresses=addresses,
-        windows=windows,
+        addresses=len({r["address"] for r in records}),
+        windows=len({(r["window_start_ms"], r["window_end_ms"]) for r in windowed}),
         outputs={
             "synthesis": output_path(output_dir, f"{SYNTHESIS_PREFIX}-*.jsonl"),
-            "dead_letters": output_path(output_dir, "dead_letters-*.jsonl"),
+            "dead_letters": output_path(output_dir, f"{DEAD_LETTERS_PREFIX}-*.jsonl"),
             "store": store_path,
         },
     )

@@ -59,3 +59,14 @@ def read_file(path: str) -> bytes:
     """Whole file, local or any Beam filesystem (gs://, ...)."""
     with FileSystems.open(path, compression_type="uncompressed") as handle:
         return handle.read()
+
+
+def split_records(data: bytes) -> tuple[list[bytes], CorruptRecordFile | None]:
+    """Every record that frames, and the framing error that stopped the file, if any."""
+    records: list[bytes] = []
+    try:
+        for record in iter_records(data):
+            records.append(record)
+    except CorruptRecordFile as error:
+        return records, error
+    return records, None

@@ -1,0 +1,39 @@
+"""The streaming graph shared by ``replay`` (TestStream) and ``run`` (Kafka / Pub/Sub).
+
+Only the source differs: it must yield ``(record bytes, source name)``. Windows, triggers,
+lateness, dedupe, too-late reconciliation and all-time state are the same transforms on
+every runner.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam.transforms import window
+
+from qis_beam.settings import Settings
+from qis_beam.transforms.outputs import DEAD_LETTERS_PREFIX, SYNTHESIS_PREFIX
+from qis_beam.transforms.stream import AllTimeSnapshots, FlagTooLate, IngestStream, PacketPartials
+from qis_beam.transforms.synthesize import SynthesizeWindows
+
+
+def build_streaming_graph(records, output_dir: str, settings: Settings, write):
+    """records: PCollection of (record, source); ``write(output_dir, prefix)`` is the sink."""
+    packets, ingest_dead = records | "Ingest" >> IngestStream(
+        settings.validation, settings.stream.dedupe_ttl_ms
+    )
+    partials = packets | "Partials" >> PacketPartials()
+    windowed = partials | "SynthesizeWindows" >> SynthesizeWindows(
+        settings.windows, settings.synthesis, streaming=True
+    )
+    all_time = partials | "SynthesizeAllTime" >> AllTimeSnapshots(settings.stream, settings.synthesis)
+    too_late = packets | "FlagTooLate" >> FlagTooLate(settings.windows)
+    (
+        (windowed | "UnwindowRecords" >> beam.WindowInto(window.GlobalWindows()), all_time)
+        | "AllSynthesis" >> beam.Flatten()
+        | "WriteSynthesis" >> write(output_dir, SYNTHESIS_PREFIX)
+    )
+    (
+        (ingest_dead, too_late)
+        | "AllDeadLetters" >> beam.Flatten()
+        | "WriteDeadLetters" >> write(output_dir, DEAD_LETTERS_PREFIX)
+    )

@@ -1,0 +1,96 @@
+"""Plan a replay: packet logs -> arrival-ordered record batches and watermark steps.
+
+Beam-free, so the plan can be tested on its own. Records are ordered by emit time (the
+order a live transport would deliver them; records whose emit time cannot be read keep
+their place after the previous record), stamped with their event time, and grouped into
+steps of at most ``step_ms`` of emit time; after each step the watermark moves to the
+latest emit time seen minus ``watermark_delay_ms``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+from qis_beam.proto import packet_pb2
+from qis_beam.tfrecords import read_file, split_records
+
+MAX_CORRUPT_TAIL_BYTES = 4096
+
+
+@dataclasses.dataclass
+class ReplayStep:
+    elements: list[tuple[bytes, str, int]]  # (record, source, timestamp ms)
+    watermark_ms: int | None  # None: the watermark does not move after this step
+
+
+@dataclasses.dataclass
+class ReplayPlan:
+    steps: list[ReplayStep]
+    records: int
+    first_emit_ms: int | None
+    last_emit_ms: int | None
+    last_event_ms: int | None
+
+
+def _times(record: bytes) -> tuple[int, int] | None:
+    """(emit_ms, event_ms) of a record, or None when it does not parse."""
+    try:
+        envelope = packet_pb2.Envelope.FromString(record)
+        packet = packet_pb2.OutcomePacket.FromString(envelope.payload)
+    except Exception:  # noqa: BLE001 - unparsable records are validated (and dead-lettered) later
+        return None
+    return packet.emit_time_ms, packet.event_time_ms
+
+
+def _arrivals(paths: Iterable[str]) -> list[tuple[int, int, bytes, str, int]]:
+    """(arrival_ms, file order, record, source, timestamp_ms) for every record."""
+    arrivals = []
+    order = 0
+    last_emit = 0
+    for path in paths:
+        records, corrupt = split_records(read_file(path))
+        if corrupt is not None:
+            # The unframable tail travels as one record: validation dead-letters it.
+            records.append(corrupt.rest[:MAX_CORRUPT_TAIL_BYTES])
+        for record in records:
+            times = _times(record)
+            if times and times[0] > 0:
+                emit_ms, event_ms = times
+                last_emit = emit_ms
+            else:
+                emit_ms = event_ms = last_emit
+            timestamp = event_ms if event_ms > 0 else emit_ms
+            arrivals.append((emit_ms, order, record, path, timestamp))
+            order += 1
+    arrivals.sort(key=lambda a: (a[0], a[1]))
+    return arrivals
+
+
+def plan_replay(paths: Iterable[str], watermark_delay_ms: int, step_ms: int) -> ReplayPlan:
+    arrivals = _arrivals(sorted(paths))
+    steps: list[ReplayStep] = []
+    current: list[tuple[bytes, str, int]] = []
+    step_end = None
+    watermark = None
+    last_event = None
+    for emit_ms, _, record, source, timestamp in arrivals:
+        if step_end is not None and emit_ms >= step_end and current:
+            target = step_end - watermark_delay_ms
+            move = watermark is None or target > watermark
+            watermark = target if move else watermark
+            steps.append(ReplayStep(current, target if move else None))
+            current = []
+        if step_end is None or emit_ms >= step_end:
+            step_end = emit_ms - emit_ms % step_ms + step_ms
+        current.append((record, source, timestamp))
+        last_event = timestamp if last_event is None else max(last_event, timestamp)
+    if current:
+        steps.append(ReplayStep(current, None))
+    return ReplayPlan(
+        steps=steps,
+        records=len(arrivals),
+        first_emit_ms=arrivals[0][0] if arrivals else None,
+        last_emit_ms=arrivals[-1][0] if arrivals else None,
+        last_event_ms=last_event,
+    )
