@@ -13,14 +13,19 @@ from qis_beam.transforms.read import ReadRecordBatches
 from qis_beam.transforms.synthesize import FoldPacketLists, SynthesizeAllTime, SynthesizeWindows
 
 
-def build_backfill(pipeline: beam.Pipeline, input_pattern: str, output_dir: str, settings: Settings):
+def build_backfill(
+    pipeline: beam.Pipeline, input_pattern: str, output_dir: str, settings: Settings
+):
     read = pipeline | "ReadPacketLogs" >> ReadRecordBatches(input_pattern, settings.read_batch_size)
     packets, ingest_dead = read.batches | "Ingest" >> IngestBatches(
         settings.validation, settings.dedupe_shards
     )
     partials = packets | "FoldPackets" >> FoldPacketLists(settings.windows)
     windowed = partials | "SynthesizeWindows" >> SynthesizeWindows(
-        settings.windows, settings.synthesis, streaming=False, hot_key_fanout=settings.hot_key_fanout
+        settings.windows,
+        settings.synthesis,
+        streaming=False,
+        hot_key_fanout=settings.hot_key_fanout,
     )
     all_time = partials | "SynthesizeAllTime" >> SynthesizeAllTime(
         settings.synthesis, hot_key_fanout=settings.hot_key_fanout

@@ -18,8 +18,10 @@ def replay_source(plan: ReplayPlan, drain_until_ms: int) -> TestStream:
     stream = TestStream().with_output_types(tuple[bytes, str])
     for step in plan.steps:
         stream.add_elements(
-            [TimestampedValue((record, source), Timestamp(micros=ts * 1000))
-             for record, source, ts in step.elements]
+            [
+                TimestampedValue((record, source), Timestamp(micros=ts * 1000))
+                for record, source, ts in step.elements
+            ]
         )
         if step.watermark_ms is not None:
             stream.advance_watermark_to(Timestamp(micros=step.watermark_ms * 1000))
@@ -31,7 +33,11 @@ def replay_source(plan: ReplayPlan, drain_until_ms: int) -> TestStream:
 
 
 def build_replay(
-    pipeline: beam.Pipeline, plan: ReplayPlan, drain_until_ms: int, output_dir: str, settings: Settings
+    pipeline: beam.Pipeline,
+    plan: ReplayPlan,
+    drain_until_ms: int,
+    output_dir: str,
+    settings: Settings,
 ):
     records = pipeline | "ReplayPacketLog" >> replay_source(plan, drain_until_ms)
-    build_streaming_graph(records, output_dir, settings, write=WriteJsonLinesOnDrain)
+    build_streaming_graph(records, output_dir, settings, write=WriteJsonLinesOnDrain, tally=True)

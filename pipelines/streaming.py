@@ -11,21 +11,38 @@ import apache_beam as beam
 from apache_beam.transforms import window
 
 from qis_beam.settings import Settings
-from qis_beam.transforms.outputs import DEAD_LETTERS_PREFIX, SYNTHESIS_PREFIX
-from qis_beam.transforms.stream import AllTimeSnapshots, FlagTooLate, IngestStream, PacketPartials
+from qis_beam.transforms.outputs import DEAD_LETTERS_PREFIX, SYNTHESIS_PREFIX, TALLIES_PREFIX
+from qis_beam.transforms.stream import (
+    AllTimeSnapshots,
+    FlagTooLate,
+    IngestStream,
+    PacketPartials,
+    TallyStream,
+)
 from qis_beam.transforms.synthesize import SynthesizeWindows
 
 
-def build_streaming_graph(records, output_dir: str, settings: Settings, write):
-    """records: PCollection of (record, source); ``write(output_dir, prefix)`` is the sink."""
-    packets, ingest_dead = records | "Ingest" >> IngestStream(
-        settings.validation, settings.stream.dedupe_ttl_ms
+def build_streaming_graph(records, output_dir: str, settings: Settings, write, tally: bool = False):
+    """records: PCollection of (record, source); ``write(output_dir, prefix)`` is the sink.
+
+    ``tally`` adds exact counts as ``tallies-*.jsonl`` once a finite stream drains (replay).
+    """
+    packets, ingest_dead, duplicates = records | "Ingest" >> IngestStream(
+        settings.validation, settings.stream
     )
+    if tally:
+        (
+            (records, packets, duplicates)
+            | "Tally" >> TallyStream()
+            | "WriteTallies" >> write(output_dir, TALLIES_PREFIX)
+        )
     partials = packets | "Partials" >> PacketPartials()
     windowed = partials | "SynthesizeWindows" >> SynthesizeWindows(
         settings.windows, settings.synthesis, streaming=True
     )
-    all_time = partials | "SynthesizeAllTime" >> AllTimeSnapshots(settings.stream, settings.synthesis)
+    all_time = partials | "SynthesizeAllTime" >> AllTimeSnapshots(
+        settings.stream, settings.synthesis
+    )
     too_late = packets | "FlagTooLate" >> FlagTooLate(settings.windows)
     (
         (windowed | "UnwindowRecords" >> beam.WindowInto(window.GlobalWindows()), all_time)

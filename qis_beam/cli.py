@@ -70,18 +70,26 @@ def _fraction(text: str) -> float:
 def _add_pipeline_options(p: argparse.ArgumentParser, streaming: bool) -> None:
     g = p.add_argument_group("ingestion (spec section 4)")
     g.add_argument("--node-registry", help="file of hex Ed25519 public keys allowed to send")
-    g.add_argument("--allow-unsigned", action="store_true", help="accept envelopes without signature")
+    g.add_argument(
+        "--allow-unsigned", action="store_true", help="accept envelopes without signature"
+    )
     g.add_argument("--max-packet-bytes", type=_positive_int, default=1024)
     g.add_argument("--max-clock-skew", type=_duration, default="5m")
     g.add_argument("--dedupe-ttl", type=_duration, default="24h", help="streaming dedupe horizon")
     g.add_argument("--dedupe-shards", type=_positive_int, default=8, help="batch dedupe groups")
     g = p.add_argument_group("synthesis (spec sections 5-6)")
     g.add_argument("--window", type=_duration, default="1h", help="event-time window size")
-    g.add_argument("--window-period", type=_duration, help="sliding windows: period (divides --window)")
-    g.add_argument("--allowed-lateness", type=_duration, default="1h")
-    g.add_argument("--early-firing-count", type=_non_negative_int, default=0 if not streaming else 100)
     g.add_argument(
-        "--early-firing-delay", type=_duration, default=None,
+        "--window-period", type=_duration, help="sliding windows: period (divides --window)"
+    )
+    g.add_argument("--allowed-lateness", type=_duration, default="1h")
+    g.add_argument(
+        "--early-firing-count", type=_non_negative_int, default=0 if not streaming else 100
+    )
+    g.add_argument(
+        "--early-firing-delay",
+        type=_duration,
+        default=None,
         help="streaming runners only: processing-time early panes",
     )
     g.add_argument("--min-support", type=_positive_int, default=3)
@@ -112,12 +120,45 @@ def _build_parser() -> _Parser:
     p.add_argument("--late-fraction", type=_fraction, default=0.02)
     p.add_argument("--shards", type=_positive_int, default=4)
     p.add_argument("--unsigned", action="store_true", help="write unsigned envelopes")
-    p.add_argument("--address-skew", type=float, default=0.0, help="zipf exponent of packets per address")
+    p.add_argument(
+        "--address-skew", type=float, default=0.0, help="zipf exponent of packets per address"
+    )
 
     p = sub.add_parser("backfill", help="batch synthesis of packet logs (FnApiRunner by default)")
     p.add_argument("--input", required=True, help="glob of TFRecord packet logs (local or gs://)")
     p.add_argument("--output", required=True, help="output directory (local or gs://)")
     _add_pipeline_options(p, streaming=False)
+
+    p = sub.add_parser(
+        "replay", help="replay packet logs as a stream (TestStream, BundleBasedDirectRunner)"
+    )
+    p.add_argument("--input", required=True, help="glob of TFRecord packet logs")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument(
+        "--watermark-delay",
+        type=_duration,
+        default="1m",
+        help="the watermark trails the latest emit time by this much",
+    )
+    _add_pipeline_options(p, streaming=True)
+
+    p = sub.add_parser(
+        "run", help="the production streaming job (Kafka on Flink, Pub/Sub on Dataflow)"
+    )
+    p.add_argument("--source", choices=["kafka", "pubsub"], default="pubsub")
+    p.add_argument("--input-topic", help="Kafka topic, or Pub/Sub projects/P/topics/T")
+    p.add_argument("--input-subscription", help="Pub/Sub projects/P/subscriptions/S")
+    p.add_argument("--bootstrap-servers", help="Kafka bootstrap servers host:port[,...]")
+    p.add_argument(
+        "--kafka-timestamp-policy",
+        default="CreateTime",
+        choices=["ProcessingTime", "CreateTime", "LogAppendTime"],
+    )
+    p.add_argument("--timestamp-attribute", help="Pub/Sub attribute holding event time (ms)")
+    p.add_argument("--output", required=True, help="output directory (local or gs://)")
+    p.add_argument("--flush-every", type=_duration, default="1m", help="output file period")
+    p.add_argument("--wait", action="store_true", help="block until the job ends")
+    _add_pipeline_options(p, streaming=True)
 
     p = sub.add_parser("query", help="print the latest synthesis for an address")
     p.add_argument("--store", required=True, help="path to intelligence.db")
@@ -134,7 +175,7 @@ def _build_parser() -> _Parser:
     return parser
 
 
-def _settings(args: argparse.Namespace):
+def _settings(args: argparse.Namespace, fixed_clock: bool = True):
     from qis_beam.settings import Settings, StreamSettings, WindowSettings
     from qis_beam.signing import load_registry
     from qis_beam.synthesis import SynthesisParams
@@ -164,7 +205,9 @@ def _settings(args: argparse.Namespace):
             allow_unsigned=args.allow_unsigned,
             registry=registry,
             max_clock_skew_ms=args.max_clock_skew,
-            now_ms=int(time.time() * 1000),  # one clock for the whole run
+            # Bounded runs judge future_event_time against one clock fixed at the start;
+            # a long-running stream reads the wall clock per record.
+            now_ms=int(time.time() * 1000) if fixed_clock else None,
         ),
         synthesis=SynthesisParams(
             min_support=args.min_support, top_k=args.top_k, min_nodes=args.min_nodes
@@ -197,7 +240,7 @@ def _check_beam_args(beam_args: Sequence[str]) -> None:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
 
 
-def _check_input(pattern: str) -> None:
+def _match_input(pattern: str) -> list[str]:
     from apache_beam.io.filesystems import FileSystems
 
     try:
@@ -206,6 +249,7 @@ def _check_input(pattern: str) -> None:
         raise UsageError(f"--input {pattern}: {error}") from None
     if not matched:
         raise UsageError(f"--input {pattern}: no files match")
+    return sorted(m.path for m in matched)
 
 
 def _print_outputs(summary: dict) -> None:
@@ -226,30 +270,34 @@ def cmd_simulate(args, beam_args) -> int:
         raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
     from qis_beam.simulate import SwarmConfig, simulate
 
-    config = SwarmConfig(
-        nodes=args.nodes,
-        addresses=args.addresses,
-        approaches=args.approaches,
-        packets=args.packets,
-        seed=args.seed,
-        duplicate_fraction=args.duplicate_fraction,
-        malformed_fraction=args.malformed_fraction,
-        late_fraction=args.late_fraction,
-        shards=args.shards,
-        signed=not args.unsigned,
-        address_skew=args.address_skew,
-    )
+    try:
+        config = SwarmConfig(
+            nodes=args.nodes,
+            addresses=args.addresses,
+            approaches=args.approaches,
+            packets=args.packets,
+            seed=args.seed,
+            duplicate_fraction=args.duplicate_fraction,
+            malformed_fraction=args.malformed_fraction,
+            late_fraction=args.late_fraction,
+            shards=args.shards,
+            signed=not args.unsigned,
+            address_skew=args.address_skew,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
     def progress(done: int, total: int) -> None:
         if total >= 50_000:
-            print(f"\r  simulated {done}/{total} packets", end="", file=sys.stderr, flush=True)
+            print(f"\r  simulated {done}/{total} records", end="", file=sys.stderr, flush=True)
 
     report = simulate(args.out, config, progress=progress)
     if config.packets >= 50_000:
         print(file=sys.stderr)
     print(
         f"wrote {report.records} records ({report.valid} valid, {report.duplicates} duplicates, "
-        f"{sum(report.malformed_by_reason.values())} malformed) to {args.out}"
+        f"{report.conflicting} conflicting, {sum(report.malformed_by_reason.values())} malformed) "
+        f"to {args.out}"
     )
     for path in report.files:
         print(f"  {path}")
@@ -261,13 +309,63 @@ def cmd_backfill(args, beam_args) -> int:
     from qis_beam.pipelines.backfill import build_backfill
 
     _check_beam_args(beam_args)
-    _check_input(args.input)
+    _match_input(args.input)
     settings = _settings(args)
     options = pipeline_options(beam_args, default_runner="FnApiRunner")
     summary = run_job(
         lambda p: build_backfill(p, args.input, args.output, settings), args.output, options
     )
     _print_outputs(summary)
+    return 0
+
+
+def cmd_replay(args, beam_args) -> int:
+    from collections import Counter
+
+    from qis_beam.jobs import run_replay
+
+    _check_beam_args(beam_args)
+    paths = _match_input(args.input)
+    summary, records = run_replay(paths, args.output, _settings(args), beam_args)
+    _print_outputs(summary)
+    panes = Counter(r["pane"]["timing"] for r in records if r["window_start_ms"] is not None)
+    snapshots = sum(1 for r in records if r["window_start_ms"] is None)
+    print(
+        "  panes: "
+        + ", ".join(f"{t}={panes.get(t, 0)}" for t in ("EARLY", "ON_TIME", "LATE"))
+        + f"; all-time snapshots={snapshots}; too_late={summary['too_late']}"
+    )
+    return 0
+
+
+def cmd_run(args, beam_args) -> int:
+    from qis_beam.jobs import pipeline_options
+    from qis_beam.pipelines.run import SourceSettings, build_run
+
+    _check_beam_args(beam_args)
+    if args.source == "kafka" and not (args.input_topic and args.bootstrap_servers):
+        raise UsageError("--source kafka needs --input-topic and --bootstrap-servers")
+    if args.source == "pubsub" and not (args.input_topic or args.input_subscription):
+        raise UsageError("--source pubsub needs --input-topic or --input-subscription")
+    source = SourceSettings(
+        kind=args.source,
+        topic=args.input_topic,
+        subscription=args.input_subscription,
+        bootstrap_servers=args.bootstrap_servers,
+        kafka_timestamp_policy=args.kafka_timestamp_policy,
+        timestamp_attribute=args.timestamp_attribute,
+        flush_seconds=max(1, args.flush_every // 1000),
+    )
+    settings = _settings(args, fixed_clock=False)
+    import apache_beam as beam
+
+    options = pipeline_options(beam_args, default_runner="DirectRunner", streaming=True)
+    pipeline = beam.Pipeline(options=options)
+    build_run(pipeline, source, args.output, settings)
+    result = pipeline.run()
+    print(f"submitted the streaming job; state {result.state}; outputs under {args.output}")
+    if args.wait:
+        result.wait_until_finish()
     return 0
 
 
@@ -320,6 +418,8 @@ def cmd_demo(args, beam_args) -> int:
 COMMANDS = {
     "simulate": cmd_simulate,
     "backfill": cmd_backfill,
+    "replay": cmd_replay,
+    "run": cmd_run,
     "query": cmd_query,
     "demo": cmd_demo,
 }

@@ -40,7 +40,7 @@ def dedupe(copies: Iterable[Copy], payload_of: Callable[[bytes], bytes]) -> Dedu
         payloads = [payload_of(record) for record, _ in group]
         smallest = min(payloads)
         kept = None
-        for payload, (record, source) in zip(payloads, group):
+        for payload, (record, source) in zip(payloads, group, strict=True):
             if payload != smallest:
                 conflicts.append((packet_id, record, source))
             elif kept is None:

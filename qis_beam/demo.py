@@ -36,8 +36,10 @@ def run_demo(out_dir: str, *, packets: int, seed: int, beam_args: Sequence[str] 
     output_dir = os.path.join(out_dir, "backfill")
     print(f"[1/3] simulating a swarm of {packets} packets into {swarm_dir}")
     report = simulate(swarm_dir, SwarmConfig(packets=packets, seed=seed))
-    print(f"      {report.records} records, {report.duplicates} duplicates, "
-          f"{sum(report.malformed_by_reason.values())} malformed")
+    print(
+        f"      {report.records} records, {report.duplicates} duplicates, "
+        f"{sum(report.malformed_by_reason.values())} malformed"
+    )
 
     print(f"[2/3] backfilling {swarm_dir}/packets-*.tfrecord into {output_dir}")
     import time
@@ -53,9 +55,11 @@ def run_demo(out_dir: str, *, packets: int, seed: int, beam_args: Sequence[str] 
         pipeline_options(beam_args, default_runner="FnApiRunner"),
     )
     dead = summary["dead_letters"]
-    print(f"      records_in={summary['records_in']} valid={summary['valid']} "
-          f"duplicates={summary['duplicates']} dead_letters={dead['total']} "
-          f"balanced={summary['balanced']} in {summary['wall_time_s']:.1f}s")
+    print(
+        f"      records_in={summary['records_in']} valid={summary['valid']} "
+        f"duplicates={summary['duplicates']} dead_letters={dead['total']} "
+        f"balanced={summary['balanced']} in {summary['wall_time_s']:.1f}s"
+    )
     for name, path in summary["outputs"].items():
         print(f"      {name}: {path}")
 
@@ -64,18 +68,24 @@ def run_demo(out_dir: str, *, packets: int, seed: int, beam_args: Sequence[str] 
     address, facts = next(iter(sorted(truth["addresses"].items())))
     store_path = os.path.join(output_dir, STORE_NAME)
     context_args = " ".join(f"{k}={v}" for k, v in facts["context"].items())
-    print(f"[3/3] qis-beam query --store {store_path} --template {facts['template_id']} "
-          f"--context {context_args}")
+    print(
+        f"[3/3] qis-beam query --store {store_path} --template {facts['template_id']} "
+        f"--context {context_args}"
+    )
     with IntelligenceStore(store_path) as store:
         latest = store.latest(address)
         hits, total = recommendation_accuracy(store, truth)
     best = (latest or {}).get("approaches", [{}])[:1]
     print(f"      address {address}")
-    print(f"      recommended: {(latest or {}).get('recommended_approach')}  "
-          f"(true best: {facts['best_approach']})")
+    print(
+        f"      recommended: {(latest or {}).get('recommended_approach')}  "
+        f"(true best: {facts['best_approach']})"
+    )
     if best and best[0]:
         b = best[0]
-        print(f"      success_mean={b['success_mean']:.3f} mean_delta={b['mean_delta']:.4f} "
-              f"n_packets={b['n_packets']} n_nodes={b['n_nodes']}")
+        print(
+            f"      success_mean={b['success_mean']:.3f} mean_delta={b['mean_delta']:.4f} "
+            f"n_packets={b['n_packets']} n_nodes={b['n_nodes']}"
+        )
     print(f"      recommendations matching the truth: {hits}/{total} addresses")
     return 0

@@ -83,7 +83,9 @@ def build_packet(
     return packet
 
 
-def seal(key: NodeKey | None, packet: packet_pb2.OutcomePacket, *, public_key: bytes = b"") -> bytes:
+def seal(
+    key: NodeKey | None, packet: packet_pb2.OutcomePacket, *, public_key: bytes = b""
+) -> bytes:
     """Serialize and sign a packet into Envelope bytes (unsigned when ``key`` is None)."""
     payload = packet.SerializeToString(deterministic=True)
     if key is None:

@@ -116,7 +116,9 @@ def validate(
 ) -> Accepted | Rejection:
     """The parsed packet and its payload when ``record`` is valid, else the first failing check."""
     if len(record) > policy.max_packet_bytes:
-        return Rejection("oversize", f"envelope is {len(record)} bytes, limit {policy.max_packet_bytes}")
+        return Rejection(
+            "oversize", f"envelope is {len(record)} bytes, limit {policy.max_packet_bytes}"
+        )
     envelope = packet_pb2.Envelope()
     packet = packet_pb2.OutcomePacket()
     try:
@@ -129,7 +131,9 @@ def validate(
     signature, public_key = envelope.signature, envelope.public_key
     if not signature:
         if not policy.allow_unsigned:
-            return Rejection("unsigned", "empty signature (use --allow-unsigned to accept)", packet_id)
+            return Rejection(
+                "unsigned", "empty signature (use --allow-unsigned to accept)", packet_id
+            )
     elif (
         len(signature) != SIGNATURE_BYTES
         or len(public_key) != PUBLIC_KEY_BYTES

@@ -107,7 +107,10 @@ def test_stable_across_processes():
         "print(semantic_address('llm-finetune/v1', {'task': 'Causal-LM', 'params': 2e9}).hex())"
     )
     other = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
         env={"PYTHONHASHSEED": "123", "PATH": ""},
     ).stdout.strip()
     assert other == semantic_address("llm-finetune/v1", {"task": "causal-lm", "params": 1e9}).hex()

@@ -47,8 +47,12 @@ def pid(i: int) -> bytes:
 
 def test_accounting_dedupe_and_dead_letters(tmp_path):
     a, b = node_key(1), node_key(2)
-    good = [make_record(a, packet_id=pid(i), event_time_ms=T0_MS + i * 60_000,
-                        emit_time_ms=T0_MS + i * 60_000) for i in range(20)]
+    good = [
+        make_record(
+            a, packet_id=pid(i), event_time_ms=T0_MS + i * 60_000, emit_time_ms=T0_MS + i * 60_000
+        )
+        for i in range(20)
+    ]
     replay = good[:3]  # exact copies in another shard
     conflict_low = make_record(b, packet_id=pid(100), outcome_delta=0.5)
     conflict_high = make_record(b, packet_id=pid(100), outcome_delta=0.9)
@@ -92,13 +96,18 @@ def test_outputs_windows_store_and_idempotence(tmp_path):
         key = (a, b, c)[i % 3]
         # packets 0-5 in the first hour (one exactly at the window start), 6-11 in the second
         t = T0_MS + (0 if i < 6 else HOUR_MS) + (i % 6) * 60_000
-        records.append(make_record(key, packet_id=pid(i), event_time_ms=t, emit_time_ms=t,
-                                   outcome_type=1 + i % 3))
+        records.append(
+            make_record(
+                key, packet_id=pid(i), event_time_ms=t, emit_time_ms=t, outcome_type=1 + i % 3
+            )
+        )
     summary, output = backfill(tmp_path, {"packets-0.tfrecord": records})
     assert summary["addresses"] == 1 and summary["windows"] == 2
     synthesis = list(read_json_lines(output, "synthesis"))
-    windowed = sorted((r for r in synthesis if r["window_start_ms"] is not None),
-                      key=lambda r: r["window_start_ms"])
+    windowed = sorted(
+        (r for r in synthesis if r["window_start_ms"] is not None),
+        key=lambda r: r["window_start_ms"],
+    )
     all_time = [r for r in synthesis if r["window_start_ms"] is None]
     assert [w["window_start_ms"] for w in windowed] == [T0_MS, T0_MS + HOUR_MS]
     assert [w["window_end_ms"] for w in windowed] == [T0_MS + HOUR_MS, T0_MS + 2 * HOUR_MS]
@@ -116,8 +125,11 @@ def test_outputs_windows_store_and_idempotence(tmp_path):
     # Re-running the same backfill into the same output yields the same store.
     output2 = str(tmp_path / "out")
     settings = Settings(validation=ValidationPolicy(now_ms=NOW))
-    run_job(lambda p: build_backfill(p, str(tmp_path / "in" / "*.tfrecord"), output2, settings),
-            output2, fnapi_options())
+    run_job(
+        lambda p: build_backfill(p, str(tmp_path / "in" / "*.tfrecord"), output2, settings),
+        output2,
+        fnapi_options(),
+    )
     with IntelligenceStore(db) as store:
         again = (store.latest(all_time[0]["address"]), store.windows(all_time[0]["address"]))
     assert again == first
@@ -132,8 +144,9 @@ def test_corrupt_shard_tail_is_one_dead_letter(tmp_path):
     path.write_bytes(bytes(data))
     output2 = str(tmp_path / "out2")
     settings = Settings(validation=ValidationPolicy(now_ms=NOW))
-    summary = run_job(lambda p: build_backfill(p, str(path), output2, settings), output2,
-                      fnapi_options())
+    summary = run_job(
+        lambda p: build_backfill(p, str(path), output2, settings), output2, fnapi_options()
+    )
     assert summary["dead_letters"]["by_reason"]["undecodable"] == 1
     assert summary["valid"] < 5 and summary["balanced"]
     dead = list(read_json_lines(output2, "dead_letters"))
@@ -142,9 +155,12 @@ def test_corrupt_shard_tail_is_one_dead_letter(tmp_path):
 
 @pytest.mark.parametrize("fanout", [0, 3])
 def test_hot_key_fanout_gives_same_result(tmp_path, fanout):
-    records = [make_record(node_key(i % 4), packet_id=pid(i), event_time_ms=T0_MS + i * 1000)
-               for i in range(30)]
-    summary, output = backfill(tmp_path, {"packets-0.tfrecord": records}, hot_key_fanout=fanout,
-                               read_batch_size=7)
+    records = [
+        make_record(node_key(i % 4), packet_id=pid(i), event_time_ms=T0_MS + i * 1000)
+        for i in range(30)
+    ]
+    summary, output = backfill(
+        tmp_path, {"packets-0.tfrecord": records}, hot_key_fanout=fanout, read_batch_size=7
+    )
     all_time = [r for r in read_json_lines(output, "synthesis") if r["window_start_ms"] is None]
     assert all_time[0]["n_packets"] == 30 and all_time[0]["n_nodes"] == 4

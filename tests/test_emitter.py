@@ -56,8 +56,11 @@ def test_emitter_writes_valid_signed_packets_beam_can_read(tmp_path):
     ) as emitter:
         written = [
             emitter.emit(
-                approach_id=f"optimizer=adamw{i}", outcome_type=OutcomeType.PARTIAL,
-                outcome_delta=0.01 * i, confidence=0.5, metrics={"loss": 1.0},
+                approach_id=f"optimizer=adamw{i}",
+                outcome_type=OutcomeType.PARTIAL,
+                outcome_delta=0.01 * i,
+                confidence=0.5,
+                metrics={"loss": 1.0},
             )
             for i in range(3)
         ]

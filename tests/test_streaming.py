@@ -27,8 +27,11 @@ def ts(ms: int) -> Timestamp:
 
 def packet(i: int, event_ms: int, key=None, **fields) -> tuple[bytes, int]:
     record = make_record(
-        key or node_key(1 + i % 3), packet_id=i.to_bytes(16, "big"),
-        event_time_ms=event_ms, emit_time_ms=event_ms, **fields,
+        key or node_key(1 + i % 3),
+        packet_id=i.to_bytes(16, "big"),
+        event_time_ms=event_ms,
+        emit_time_ms=event_ms,
+        **fields,
     )
     return record, event_ms
 

@@ -168,7 +168,9 @@ def test_multi_defect_records_name_the_first_failing_check():
     mismatched.node_id = key.node_id
     assert reason(seal(stranger, mismatched), strict) == "node_id_mismatch"
     assert reason(make_record(stranger, confidence=7.0), strict) == "unknown_node"
-    future_and_invalid = make_record(key, confidence=7.0, event_time_ms=NOW * 2, emit_time_ms=NOW * 2)
+    future_and_invalid = make_record(
+        key, confidence=7.0, event_time_ms=NOW * 2, emit_time_ms=NOW * 2
+    )
     assert reason(future_and_invalid, strict) == "invalid_field"
 
 
@@ -188,7 +190,11 @@ def test_arbitrary_bytes_never_raise(raw):
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(
-        st.tuples(st.sampled_from(["flip", "cut", "insert"]), st.integers(0, 10_000), st.binary(min_size=1, max_size=8)),
+        st.tuples(
+            st.sampled_from(["flip", "cut", "insert"]),
+            st.integers(0, 10_000),
+            st.binary(min_size=1, max_size=8),
+        ),
         min_size=1,
         max_size=4,
     )

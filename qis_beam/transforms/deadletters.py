@@ -28,7 +28,11 @@ def reason_counter_name(reason: str) -> str:
 
 
 def dead_letter(
-    reason: str, detail: str, record: bytes, packet_id: bytes | None = None, source: str | None = None
+    reason: str,
+    detail: str,
+    record: bytes,
+    packet_id: bytes | None = None,
+    source: str | None = None,
 ) -> dict:
     """A dead-letter record; counts it under its reason."""
     counter(reason_counter_name(reason)).inc()

@@ -91,5 +91,8 @@ class IngestBatches(beam.PTransform):
             | "ShuffleByPacketId" >> beam.GroupByKey()
             | "Dedupe" >> beam.ParDo(_DedupeShardFn()).with_outputs(DEAD_LETTERS, main="packets")
         )
-        dead = (validated[DEAD_LETTERS], deduped[DEAD_LETTERS]) | "MergeDeadLetters" >> beam.Flatten()
+        dead = (
+            validated[DEAD_LETTERS],
+            deduped[DEAD_LETTERS],
+        ) | "MergeDeadLetters" >> beam.Flatten()
         return deduped.packets, dead

@@ -13,6 +13,7 @@ from apache_beam.transforms import trigger, window
 
 SYNTHESIS_PREFIX = "synthesis"
 DEAD_LETTERS_PREFIX = "dead_letters"
+TALLIES_PREFIX = "tallies"  # replay only: exact counts (see stream.TallyStream)
 
 
 def output_path(output_dir: str, name: str) -> str:
@@ -30,7 +31,8 @@ class WriteJsonLines(beam.PTransform):
     def expand(self, records):
         return (
             records
-            | "ToJson" >> beam.Map(lambda r: json.dumps(r, separators=(",", ":"))).with_output_types(str)
+            | "ToJson"
+            >> beam.Map(lambda r: json.dumps(r, separators=(",", ":"))).with_output_types(str)
             | "WriteJsonl"
             >> beam.io.WriteToText(
                 self._prefix,
@@ -43,7 +45,7 @@ class WriteJsonLines(beam.PTransform):
 
 def remove_previous_outputs(output_dir: str) -> None:
     """Delete shards a previous run left, so a re-run never mixes old and new shards."""
-    for prefix in (SYNTHESIS_PREFIX, DEAD_LETTERS_PREFIX):
+    for prefix in (SYNTHESIS_PREFIX, DEAD_LETTERS_PREFIX, TALLIES_PREFIX):
         pattern = output_path(output_dir, f"{prefix}-*.jsonl")
         stale = [m.path for result in FileSystems.match([pattern]) for m in result.metadata_list]
         if stale:
@@ -98,8 +100,9 @@ class WriteJsonLinesOnDrain(beam.PTransform):
             records
             | "ToJson" >> beam.Map(lambda r: json.dumps(r, separators=(",", ":")))
             | "AssignShard"
-            >> beam.Map(lambda line: (zlib.crc32(line.encode("utf-8")) % shards, line))
-            .with_output_types(tuple[int, str])
+            >> beam.Map(
+                lambda line: (zlib.crc32(line.encode("utf-8")) % shards, line)
+            ).with_output_types(tuple[int, str])
             # Fires when the global window closes, i.e. when the finite stream has drained.
             | "HoldUntilDrained"
             >> beam.WindowInto(
@@ -128,7 +131,8 @@ class WriteJsonLinesContinuously(beam.PTransform):
     def expand(self, records):
         return (
             records
-            | "ToJson" >> beam.Map(lambda r: json.dumps(r, separators=(",", ":"))).with_output_types(str)
+            | "ToJson"
+            >> beam.Map(lambda r: json.dumps(r, separators=(",", ":"))).with_output_types(str)
             | "FlushEvery"
             >> beam.WindowInto(
                 window.GlobalWindows(),

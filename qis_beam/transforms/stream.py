@@ -1,10 +1,10 @@
 """Streaming ingestion and continuous synthesis (spec sections 4 and 6, streaming rules).
 
 * :class:`IngestStream` validates one record at a time, stamps valid packets with their
-  event time and deduplicates them per packet_id in a stateful DoFn: the first copy to
+  event time and deduplicates them by packet_id in a stateful DoFn: the first copy to
   arrive wins (nothing can be taken back in a stream), identical later copies are counted
-  as duplicates, others are ``conflicting_duplicate`` dead letters; each packet_id's state
-  is cleared by an event-time timer ``--dedupe-ttl`` after its event time.
+  as duplicates, others are ``conflicting_duplicate`` dead letters; a packet_id is
+  remembered until the watermark passes its event time + ``--dedupe-ttl``.
 * :class:`AllTimeSnapshots` folds every packet into per-address state (the versioned
   ``Synthesis`` encoding, never a pickle) in the global window and emits a snapshot at most
   every ``--emit-every`` of event time; an address idle for ``--state-ttl`` emits its final
@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import apache_beam as beam
@@ -35,7 +36,15 @@ from qis_beam.settings import StreamSettings, WindowSettings
 from qis_beam.synthesis import Synthesis, SynthesisParams
 from qis_beam.transforms.deadletters import DEAD_LETTERS, counter, dead_letter
 from qis_beam.transforms.synthesize import synthesis_record, window_fn
-from qis_beam.validation import DUPLICATE_REASON, TOO_LATE_REASON, Rejection, ValidationPolicy, validate
+from qis_beam.validation import (
+    DUPLICATE_REASON,
+    TOO_LATE_REASON,
+    Rejection,
+    ValidationPolicy,
+    validate,
+)
+
+DUPLICATES = "duplicates"
 
 # A valid packet on its way: (payload, record, source)
 PacketInfo = tuple[bytes, bytes, str]
@@ -50,8 +59,9 @@ def _ts(ms: int) -> Timestamp:
 
 
 class _ValidateRecordFn(beam.DoFn):
-    def __init__(self, policy: ValidationPolicy):
+    def __init__(self, policy: ValidationPolicy, dedupe_buckets: int):
         self._policy = policy
+        self._buckets = dedupe_buckets
 
     def process(self, element: tuple[bytes, str]) -> Iterator:
         record, source = element
@@ -63,16 +73,40 @@ class _ValidateRecordFn(beam.DoFn):
                 dead_letter(verdict.reason, verdict.detail, record, verdict.packet_id, source),
             )
             return
-        packet = verdict.packet
+        packet_id = verdict.packet.packet_id
+        bucket = int.from_bytes(packet_id[:4], "big") % self._buckets
         yield window.TimestampedValue(
-            (packet.packet_id.hex(), (verdict.payload, record, source)), _ts(packet.event_time_ms)
+            (f"{bucket:05d}", (packet_id, verdict.payload, record, source)),
+            _ts(verdict.packet.event_time_ms),
         )
 
 
-class _FirstArrivalFn(beam.DoFn):
-    """Keyed by packet_id: the first copy wins for ``dedupe_ttl`` of event time."""
+# A dedupe entry: packet_id (16) | payload digest (16) | expiry ms (8, big-endian).
+_ENTRY = 40
 
-    KEPT = userstate.ReadModifyWriteStateSpec("kept_payload", BytesCoder())
+
+def _digest(payload: bytes) -> bytes:
+    return hashlib.blake2b(payload, digest_size=16).digest()
+
+
+def _find_entry(entries: bytes, packet_id: bytes) -> int:
+    """Offset of packet_id's entry in the packed entries, or -1."""
+    at = entries.find(packet_id)
+    while at >= 0 and at % _ENTRY:
+        at = entries.find(packet_id, at + 1)
+    return at
+
+
+class _FirstArrivalFn(beam.DoFn):
+    """Keyed by packet_id bucket: the first copy of a packet_id wins for ``dedupe_ttl``.
+
+    Buckets, not packet_ids, are the keys so that the number of keys with pending timers
+    stays small (the DirectRunner scans every such key at each watermark step). A bucket's
+    state is its entries packed in one byte string; one timer drops expired entries.
+    """
+
+    ENTRIES = userstate.ReadModifyWriteStateSpec("entries", BytesCoder())
+    TIMER_AT = userstate.ReadModifyWriteStateSpec("timer_at_ms", VarIntCoder())
     EXPIRY = userstate.TimerSpec("expiry", TimeDomain.WATERMARK)
 
     def __init__(self, dedupe_ttl_ms: int):
@@ -80,56 +114,88 @@ class _FirstArrivalFn(beam.DoFn):
 
     def process(
         self,
-        element: tuple[str, PacketInfo],
+        element: tuple[str, tuple[bytes, bytes, bytes, str]],
         ts=beam.DoFn.TimestampParam,
-        kept=beam.DoFn.StateParam(KEPT),
+        entries_state=beam.DoFn.StateParam(ENTRIES),
+        timer_at=beam.DoFn.StateParam(TIMER_AT),
         expiry=beam.DoFn.TimerParam(EXPIRY),
     ) -> Iterator:
-        packet_id, (payload, record, source) = element
-        kept_payload = kept.read()
-        if kept_payload is None:
-            kept.write(payload)
-            expiry.set(ts + Duration(micros=self._ttl_ms * 1000))
+        _, (packet_id, payload, record, source) = element
+        entries = entries_state.read() or b""
+        at = _find_entry(entries, packet_id)
+        if at < 0:
+            expires_ms = _ms(ts) + self._ttl_ms
+            entries_state.write(
+                entries + packet_id + _digest(payload) + expires_ms.to_bytes(8, "big")
+            )
+            current = timer_at.read()
+            if current is None or expires_ms < current:
+                expiry.set(_ts(expires_ms))
+                timer_at.write(expires_ms)
             counter("valid").inc()
             yield payload, record, source
-        elif kept_payload == payload:
+        elif entries[at + 16 : at + 32] == _digest(payload):
             counter("duplicates").inc()
+            yield TaggedOutput(DUPLICATES, packet_id.hex())
         else:
             detail = "same packet_id as an earlier packet with another payload, which is kept"
             yield TaggedOutput(
-                DEAD_LETTERS,
-                dead_letter(DUPLICATE_REASON, detail, record, bytes.fromhex(packet_id), source),
+                DEAD_LETTERS, dead_letter(DUPLICATE_REASON, detail, record, packet_id, source)
             )
 
     @userstate.on_timer(EXPIRY)
-    def expire(self, kept=beam.DoFn.StateParam(KEPT)):
-        kept.clear()
+    def expire(
+        self,
+        fired=beam.DoFn.TimestampParam,
+        entries_state=beam.DoFn.StateParam(ENTRIES),
+        timer_at=beam.DoFn.StateParam(TIMER_AT),
+        expiry=beam.DoFn.TimerParam(EXPIRY),
+    ):
+        now_ms = _ms(fired)
+        entries = entries_state.read() or b""
+        kept = [
+            entries[i : i + _ENTRY]
+            for i in range(0, len(entries), _ENTRY)
+            if int.from_bytes(entries[i + 32 : i + _ENTRY], "big") > now_ms
+        ]
+        timer_at.clear()
+        if not kept:
+            entries_state.clear()
+            return
+        entries_state.write(b"".join(kept))
+        next_ms = min(int.from_bytes(e[32:], "big") for e in kept)
+        expiry.set(_ts(next_ms))
+        timer_at.write(next_ms)
 
 
 class IngestStream(beam.PTransform):
-    """(record, source) -> (payload, record, source) of valid first arrivals; dead letters."""
+    """(record, source) -> (payload, record, source) of valid first arrivals, dead letters
+    and the packet_ids of duplicate copies (for exact accounting where counters are not)."""
 
-    def __init__(self, policy: ValidationPolicy, dedupe_ttl_ms: int):
+    def __init__(self, policy: ValidationPolicy, stream: StreamSettings):
         super().__init__()
         self._policy = policy
-        self._ttl_ms = dedupe_ttl_ms
+        self._stream = stream
 
     def expand(self, records):
-        validated = records | "Validate" >> beam.ParDo(_ValidateRecordFn(self._policy)).with_outputs(
-            DEAD_LETTERS, main="valid"
-        )
+        validated = records | "Validate" >> beam.ParDo(
+            _ValidateRecordFn(self._policy, self._stream.dedupe_buckets)
+        ).with_outputs(DEAD_LETTERS, main="valid")
         first = (
             validated.valid
             # A typed key gives the stateful step a deterministic key coder on every runner.
-            | "KeyByPacketId" >> beam.Map(lambda kv: kv).with_output_types(
-                tuple[str, tuple[bytes, bytes, str]]
+            | "KeyByPacketIdBucket"
+            >> beam.Map(lambda kv: kv).with_output_types(
+                tuple[str, tuple[bytes, bytes, bytes, str]]
             )
             | "GlobalDedupeWindow" >> beam.WindowInto(window.GlobalWindows())
             | "FirstArrival"
-            >> beam.ParDo(_FirstArrivalFn(self._ttl_ms)).with_outputs(DEAD_LETTERS, main="packets")
+            >> beam.ParDo(_FirstArrivalFn(self._stream.dedupe_ttl_ms)).with_outputs(
+                DEAD_LETTERS, DUPLICATES, main="packets"
+            )
         )
         dead = (validated[DEAD_LETTERS], first[DEAD_LETTERS]) | "MergeDeadLetters" >> beam.Flatten()
-        return first.packets, dead
+        return first.packets, dead, first[DUPLICATES]
 
 
 class _SinglePartialFn(beam.DoFn):
@@ -270,7 +336,10 @@ class _SentFn(beam.DoFn):
         payload, record, source = info
         packet = parse_payload(payload)
         deadline = _deadline_ms(_ms(ts), self._windows)
-        yield packet.semantic_address.hex(), ("sent", (deadline, packet.packet_id.hex(), record, source))
+        yield (
+            packet.semantic_address.hex(),
+            ("sent", (deadline, packet.packet_id.hex(), record, source)),
+        )
 
 
 class _IdsFn(beam.DoFn):
@@ -279,7 +348,10 @@ class _IdsFn(beam.DoFn):
 
     def process(self, info: PacketInfo, ts=beam.DoFn.TimestampParam) -> Iterator:
         packet = parse_payload(info[0])
-        yield packet.semantic_address.hex(), f"{packet.packet_id.hex()}|{_deadline_ms(_ms(ts), self._windows)}"
+        yield (
+            packet.semantic_address.hex(),
+            f"{packet.packet_id.hex()}|{_deadline_ms(_ms(ts), self._windows)}",
+        )
 
 
 class _ReconcileFn(beam.DoFn):
@@ -365,14 +437,42 @@ class FlagTooLate(beam.PTransform):
                 allowed_lateness=Duration(micros=self._windows.allowed_lateness_ms * 1000),
             )
             | "IdsThatMadeIt" >> beam.GroupByKey()
-            | "TagIncluded" >> beam.MapTuple(lambda address, ids: (address, ("included", list(ids))))
+            | "TagIncluded"
+            >> beam.MapTuple(lambda address, ids: (address, ("included", list(ids))))
             | "IncludedToGlobal" >> beam.WindowInto(window.GlobalWindows())
         )
         sent = packets | "SentPackets" >> beam.ParDo(_SentFn(self._windows))
         return (
             (sent, included)
             | "SentAndIncluded" >> beam.Flatten()
-            | "TypedByAddress" >> beam.Map(lambda kv: kv).with_output_types(tuple[str, tuple[str, object]])
+            | "TypedByAddress"
+            >> beam.Map(lambda kv: kv).with_output_types(tuple[str, tuple[str, object]])
             | "Reconcile" >> beam.ParDo(_ReconcileFn())
         )
 
+
+class TallyStream(beam.PTransform):
+    """Counts of records, first arrivals and duplicates, as records once the stream drains.
+
+    The BundleBasedDirectRunner loses most counter updates of streaming bundles, so a
+    replay's summary is built from these instead of from Beam metrics.
+    """
+
+    def expand(self, tagged):
+        records, packets, duplicates = tagged
+        return (
+            (
+                records | "CountRecords" >> beam.Map(lambda _: ("records_in", 1)),
+                packets | "CountValid" >> beam.Map(lambda _: ("valid", 1)),
+                duplicates | "CountDuplicates" >> beam.Map(lambda _: ("duplicates", 1)),
+            )
+            | "AllTallies" >> beam.Flatten()
+            | "TallyUntilDrained"
+            >> beam.WindowInto(
+                window.GlobalWindows(),
+                trigger=trigger.Repeatedly(trigger.AfterWatermark()),
+                accumulation_mode=trigger.AccumulationMode.DISCARDING,
+            )
+            | "SumTallies" >> beam.CombinePerKey(sum).with_output_types(tuple[str, int])
+            | "TallyRecord" >> beam.MapTuple(lambda name, count: {"counter": name, "value": count})
+        )

@@ -70,8 +70,12 @@ class _FoldPacketListsFn(beam.DoFn):
         self._bucket_ms = bucket_ms
 
     def process(self, payloads: list[bytes]) -> Iterator[window.TimestampedValue]:
-        for (address, bucket_start_ms), partial in fold_by_bucket(payloads, self._bucket_ms).items():
-            yield window.TimestampedValue((address, partial), Timestamp(micros=bucket_start_ms * 1000))
+        for (address, bucket_start_ms), partial in fold_by_bucket(
+            payloads, self._bucket_ms
+        ).items():
+            yield window.TimestampedValue(
+                (address, partial), Timestamp(micros=bucket_start_ms * 1000)
+            )
 
 
 class FoldPacketLists(beam.PTransform):
@@ -133,7 +137,9 @@ class _FormatWindowedFn(beam.DoFn):
         bounds = (w.start.micros // 1000, w.end.micros // 1000)
         if self._streaming:
             pane_info = {
-                "timing": _TIMING[pane.timing], "index": pane.index, "is_last": pane.is_last
+                "timing": _TIMING[pane.timing],
+                "index": pane.index,
+                "is_last": pane.is_last,
             }
         else:
             pane_info = dict(FINAL_PANE)
