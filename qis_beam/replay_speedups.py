@@ -19,7 +19,6 @@ def memoise_qis_dofn_specs() -> None:
         return
     from apache_beam.runners.direct import transform_evaluator
     from apache_beam.transforms import userstate
-
     from apache_beam.transforms.core import CallableWrapperDoFn
 
     original = userstate.get_dofn_specs
