@@ -24,6 +24,7 @@ class SourceSettings:
     subscription: str | None = None  # Pub/Sub only: projects/P/subscriptions/S
     bootstrap_servers: str | None = None  # Kafka only
     kafka_timestamp_policy: str = "CreateTime"
+    kafka_expansion_service: str | None = None  # host:port; None lets Beam start one
     timestamp_attribute: str | None = None  # Pub/Sub only
     flush_seconds: int = 60  # how often output files are written
 
@@ -41,6 +42,11 @@ def read_envelopes(pipeline: beam.Pipeline, source: SourceSettings):
         from apache_beam.io.kafka import ReadFromKafka  # cross-language: Java expansion service
 
         name = source.topic
+        expansion = (
+            {"expansion_service": source.kafka_expansion_service}
+            if source.kafka_expansion_service
+            else {}
+        )
         raw = (
             pipeline
             | "ReadKafka"
@@ -48,6 +54,7 @@ def read_envelopes(pipeline: beam.Pipeline, source: SourceSettings):
                 consumer_config={"bootstrap.servers": source.bootstrap_servers},
                 topics=[source.topic],
                 timestamp_policy=source.kafka_timestamp_policy,
+                **expansion,
             )
             | "KafkaValues" >> beam.Map(lambda kv: kv[1])
         )

@@ -67,7 +67,18 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _add_profile(p: argparse.ArgumentParser) -> None:
+    from qis_beam.runners.profiles import PROFILE_NAMES
+
+    p.add_argument(
+        "--profile",
+        choices=PROFILE_NAMES,
+        help="runner profile (runners/profiles.py); explicit Beam options override it",
+    )
+
+
 def _add_pipeline_options(p: argparse.ArgumentParser, streaming: bool) -> None:
+    _add_profile(p)
     g = p.add_argument_group("ingestion (spec section 4)")
     g.add_argument("--node-registry", help="file of hex Ed25519 public keys allowed to send")
     g.add_argument(
@@ -150,6 +161,11 @@ def _build_parser() -> _Parser:
     p.add_argument("--input-subscription", help="Pub/Sub projects/P/subscriptions/S")
     p.add_argument("--bootstrap-servers", help="Kafka bootstrap servers host:port[,...]")
     p.add_argument(
+        "--kafka-expansion-service",
+        help="host:port of a running Java IO expansion service (default: Beam starts one, "
+        "which needs Maven Central)",
+    )
+    p.add_argument(
         "--kafka-timestamp-policy",
         default="CreateTime",
         choices=["ProcessingTime", "CreateTime", "LogAppendTime"],
@@ -172,6 +188,7 @@ def _build_parser() -> _Parser:
     p.add_argument("--out", default="qis-demo", help="working directory (default ./qis-demo)")
     p.add_argument("--packets", type=_positive_int, default=100_000)
     p.add_argument("--seed", type=int, default=0)
+    _add_profile(p)
     return parser
 
 
@@ -225,19 +242,31 @@ def _settings(args: argparse.Namespace, fixed_clock: bool = True):
     )
 
 
-def _check_beam_args(beam_args: Sequence[str]) -> None:
-    """Unknown flags must be Beam pipeline options; anything else is a usage error."""
-    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+def _beam_args(args: argparse.Namespace, beam_args: Sequence[str], streaming: bool) -> list[str]:
+    """Apply ``--profile`` (explicit Beam options win) and reject anything not a Beam option."""
+    from qis_beam.runners.profiles import (
+        merge_args,
+        missing_options,
+        profile_args,
+        unrecognized_args,
+    )
 
-    parser = _BeamArgumentParser(allow_abbrev=False)
-    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
-        cls._add_argparse_args(parser)
+    merged = list(beam_args)
+    profile = getattr(args, "profile", None)
     try:
-        _, unknown = parser.parse_known_args(list(beam_args))
-    except SystemExit:
-        raise UsageError(f"bad Beam pipeline option in: {' '.join(beam_args)}") from None
+        if profile:
+            merged = merge_args(profile_args(profile, streaming), beam_args)
+        unknown = unrecognized_args(merged)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if unknown:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+    if profile:
+        missing = missing_options(profile, merged)
+        if missing:
+            flags = ", ".join(f"--{m}" for m in missing)
+            raise UsageError(f"--profile {profile} needs {flags}")
+    return merged
 
 
 def _match_input(pattern: str) -> list[str]:
@@ -308,7 +337,7 @@ def cmd_backfill(args, beam_args) -> int:
     from qis_beam.jobs import pipeline_options, run_job
     from qis_beam.pipelines.backfill import build_backfill
 
-    _check_beam_args(beam_args)
+    beam_args = _beam_args(args, beam_args, streaming=False)
     _match_input(args.input)
     settings = _settings(args)
     options = pipeline_options(beam_args, default_runner="FnApiRunner")
@@ -324,7 +353,7 @@ def cmd_replay(args, beam_args) -> int:
 
     from qis_beam.jobs import run_replay
 
-    _check_beam_args(beam_args)
+    beam_args = _beam_args(args, beam_args, streaming=True)
     paths = _match_input(args.input)
     summary, records = run_replay(paths, args.output, _settings(args), beam_args)
     _print_outputs(summary)
@@ -342,7 +371,7 @@ def cmd_run(args, beam_args) -> int:
     from qis_beam.jobs import pipeline_options
     from qis_beam.pipelines.run import SourceSettings, build_run
 
-    _check_beam_args(beam_args)
+    beam_args = _beam_args(args, beam_args, streaming=True)
     if args.source == "kafka" and not (args.input_topic and args.bootstrap_servers):
         raise UsageError("--source kafka needs --input-topic and --bootstrap-servers")
     if args.source == "pubsub" and not (args.input_topic or args.input_subscription):
@@ -353,6 +382,7 @@ def cmd_run(args, beam_args) -> int:
         subscription=args.input_subscription,
         bootstrap_servers=args.bootstrap_servers,
         kafka_timestamp_policy=args.kafka_timestamp_policy,
+        kafka_expansion_service=args.kafka_expansion_service,
         timestamp_attribute=args.timestamp_attribute,
         flush_seconds=max(1, args.flush_every // 1000),
     )
@@ -411,7 +441,7 @@ def cmd_query(args, beam_args) -> int:
 def cmd_demo(args, beam_args) -> int:
     from qis_beam.demo import run_demo
 
-    _check_beam_args(beam_args)
+    beam_args = _beam_args(args, beam_args, streaming=False)
     return run_demo(args.out, packets=args.packets, seed=args.seed, beam_args=beam_args)
 
 

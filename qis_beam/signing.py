@@ -80,9 +80,19 @@ def verify(public_key: bytes, signature: bytes, payload: bytes) -> bool:
 
 
 def load_registry(path: str | os.PathLike) -> frozenset[bytes]:
-    """Node registry: one hex raw 32-byte public key per line; blanks and # comments allowed."""
+    """Node registry: one hex raw 32-byte public key per line; blanks and # comments allowed.
+
+    ``path`` may be local or on any Beam filesystem (``gs://`` for Dataflow templates).
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        with FileSystems.open(os.fspath(path), compression_type="uncompressed") as handle:
+            text = handle.read().decode("utf-8")
+    except Exception as error:  # noqa: BLE001 - Beam raises its own IOError subclasses
+        raise OSError(f"cannot read node registry {path}: {error}") from None
     keys = set()
-    for number, line in enumerate(pathlib.Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         text = line.split("#", 1)[0].strip()
         if not text:
             continue

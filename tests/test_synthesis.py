@@ -385,7 +385,7 @@ def test_any_split_and_merge_order_equals_one_pass(packets, cuts, modes, order_s
             st.sampled_from(["a", "b", "c", "d", "e"]),
             st.integers(1, 4),
             st.floats(-1, 1),
-            st.floats(0, 1),
+            st.floats(0, 1, width=32),  # confidence is a float32 on the wire
             st.integers(1, 100),
             st.just("t"),
         ),

@@ -88,6 +88,8 @@ class IngestBatches(beam.PTransform):
         ).with_outputs(DEAD_LETTERS, main="valid")
         deduped = (
             validated.valid
+            # a typed str key: a deterministic key coder on every runner
+            | "TypedShardKey" >> beam.Map(lambda kv: kv).with_output_types(tuple[str, ShardSlice])
             | "ShuffleByPacketId" >> beam.GroupByKey()
             | "Dedupe" >> beam.ParDo(_DedupeShardFn()).with_outputs(DEAD_LETTERS, main="packets")
         )

@@ -1,0 +1,325 @@
+"""Runner profiles: named sets of Beam pipeline options behind ``qis-beam ... --profile NAME``.
+
+This module is the single source of truth for the profiles; ``docs/runners.md`` and the
+deployment kits in ``runners/flink`` and ``runners/dataflow`` describe them but never repeat
+them. A profile's options come first on the command line and any Beam option given explicitly
+overrides the profile's option of the same name (:func:`merge_args`).
+
+Every profile has a bounded (``backfill``) and a streaming (``replay``/``run``) variant:
+
+========  ==============================================  =======================================
+profile   bounded (streaming=False)                       streaming (streaming=True)
+========  ==============================================  =======================================
+direct    FnApiRunner                                     BundleBasedDirectRunner ``--streaming``
+portable  PortableRunner ``--job_endpoint=embed`` LOOPBACK  not available (TestStream is rejected)
+flink     FlinkRunner on the compose cluster, uber jar,   + ``--streaming``, checkpoints every 60 s,
+          EXTERNAL worker pool ``localhost:50000``        retained on cancel, max_parallelism 128
+dataflow  DataflowRunner, Runner v2, throughput           + ``--streaming``
+          autoscaling, ``--setup_file``                   ``--enable_streaming_engine``
+========  ==============================================  =======================================
+
+What a profile never contains: values only the user knows (``--project``,
+``--temp_location``, buckets, topics, ``--job_name``). :data:`REQUIRED_OPTIONS` lists them and
+:func:`missing_options` reports the ones absent from a command line.
+
+Options the Python SDK does not define: the Flink runner's own options (checkpointing,
+savepoints, state backend, ...) are defined by the Java ``FlinkPipelineOptions`` and reach
+the runner only as pass-through flags (the Flink job server describes them to the SDK at
+submission, and the uber-jar path forwards unknown flags verbatim). :data:`FLINK_RUNNER_OPTIONS`
+lists the ones that exist; :func:`unrecognized_args` is a Beam-argument check that accepts
+them and nothing else unknown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+__all__ = [
+    "BEAM_VERSION",
+    "FLINK_VERSION",
+    "PYTHON_VERSION",
+    "PROFILES",
+    "PROFILE_NAMES",
+    "BATCH_OPTIONS",
+    "STREAMING_OPTIONS",
+    "BOUNDED_ONLY",
+    "REQUIRED_OPTIONS",
+    "FLINK_RUNNER_OPTIONS",
+    "UnknownProfile",
+    "profile_options",
+    "profile_args",
+    "merge_args",
+    "missing_options",
+    "unrecognized_args",
+]
+
+#: The Beam release every image and jar in the deployment kits is pinned to.
+BEAM_VERSION = "2.77.0"
+#: Flink minor version of the compose cluster, its job-server image and ``--flink_version``.
+#: Beam 2.77 publishes job servers for 1.19, 1.20, 2.0, 2.1 and 2.2; 1.20 is Flink's 1.x LTS.
+FLINK_VERSION = "1.20"
+#: Python minor version of the SDK worker images; the launching interpreter must match it.
+PYTHON_VERSION = "3.11"
+
+# The checkout's setup.py (``runners/`` sits at the repository root; ``qis_beam/runners`` is a
+# symlink to it). Absent from an installed wheel, where workers get the code from a container.
+_SETUP_PY = Path(__file__).resolve().parents[1] / "setup.py"
+
+#: Options of each profile in every mode.
+PROFILES: dict[str, dict[str, object]] = {
+    "direct": {
+        # Always a named local runner: a bare DirectRunner first tries to download Prism.
+        "runner": "FnApiRunner",
+    },
+    "portable": {
+        # The Job API path FlinkRunner uses, with an in-process job service and SDK worker.
+        "runner": "PortableRunner",
+        "job_endpoint": "embed",
+        "environment_type": "LOOPBACK",
+    },
+    "flink": {
+        # The session cluster of runners/flink/docker-compose.yaml (REST port 8081).
+        "runner": "FlinkRunner",
+        "flink_master": "localhost:8081",
+        "flink_version": FLINK_VERSION,
+        # Package pipeline + artifacts into a jar and upload it over Flink's REST API: needs the
+        # job-server jar on the launching machine but no Java there and no artifact directory
+        # shared with the task managers. Ignored when --flink_master=[local].
+        "flink_submit_uber_jar": True,
+        "parallelism": 2,
+        # Python user code runs in the SDK worker pool beside each task manager; the address
+        # is resolved by the task manager (the pool shares its network namespace).
+        "environment_type": "EXTERNAL",
+        "environment_config": "localhost:50000",
+    },
+    "dataflow": {
+        "runner": "DataflowRunner",
+        "region": "us-central1",  # a default; pass --region to use another
+        # Runner v2 is Dataflow's default for Python; naming it keeps old projects on it too.
+        "experiments": ["use_runner_v2"],
+        "autoscaling_algorithm": "THROUGHPUT_BASED",
+        "max_num_workers": 10,
+        # Workers install this package from an sdist of the checkout. Without a checkout (an
+        # installed wheel, the flex-template image) use --sdk_container_image instead.
+        **({"setup_file": str(_SETUP_PY)} if _SETUP_PY.is_file() else {}),
+    },
+}
+
+#: Profile names in display order (for argparse ``choices``).
+PROFILE_NAMES: tuple[str, ...] = tuple(PROFILES)
+
+#: Extra options for bounded pipelines (``backfill``).
+BATCH_OPTIONS: dict[str, dict[str, object]] = {
+    "flink": {
+        # Blocking data exchange: pipelined batch exchanges can deadlock on graphs whose
+        # branches rejoin (FLINK-10672), as the dead-letter Flatten does.
+        "execution_mode_for_batch": "BATCH_FORCED",
+    },
+}
+
+#: Extra options for streaming pipelines (``replay``, ``run``); they override PROFILES.
+STREAMING_OPTIONS: dict[str, dict[str, object]] = {
+    "direct": {
+        # TestStream needs the bundle-based runner; FnApiRunner cannot hold watermarks.
+        "runner": "BundleBasedDirectRunner",
+        "streaming": True,
+    },
+    "flink": {
+        "streaming": True,
+        # Fixed at a job's first start; savepoints restore only with the same value.
+        "max_parallelism": 128,
+        # Flink runner (Java) options, see FLINK_RUNNER_OPTIONS. Checkpoint mode defaults to
+        # EXACTLY_ONCE; state backend and restart strategy come from the cluster configuration.
+        "checkpointing_interval": 60_000,
+        "externalized_checkpoints_enabled": True,
+        "retain_externalized_checkpoints_on_cancellation": True,
+    },
+    "dataflow": {
+        "streaming": True,
+        "enable_streaming_engine": True,
+    },
+}
+
+#: Profiles that cannot run the streaming pipeline at all.
+BOUNDED_ONLY: dict[str, str] = {
+    "portable": (
+        "PortableRunner with --job_endpoint=embed runs bounded pipelines only "
+        "(it rejects TestStream); use --profile direct for replay"
+    ),
+}
+
+#: Options a profile cannot know; the user must pass them (flag names, without ``--``).
+REQUIRED_OPTIONS: dict[str, tuple[str, ...]] = {
+    "direct": (),
+    "portable": (),
+    "flink": (),
+    "dataflow": ("project", "temp_location"),
+}
+
+#: Flink runner options defined by the Java ``FlinkPipelineOptions`` of Beam, in the spelling
+#: the Python SDK forwards (Beam's "Pipeline options for the Flink Runner" table). The Python
+#: SDK does not parse them; the runner does. Options Python knows (flink_master, parallelism,
+#: max_parallelism, ...) are not repeated here.
+FLINK_RUNNER_OPTIONS: frozenset[str] = frozenset(
+    {
+        "allow_non_restored_state",
+        "auto_balance_write_files_sharding_enabled",
+        "auto_watermark_interval",
+        "checkpoint_timeout_millis",
+        "checkpointing_interval",
+        "checkpointing_mode",
+        "disable_metrics",
+        "execution_mode_for_batch",
+        "execution_retry_delay",
+        "externalized_checkpoints_enabled",
+        "fail_on_checkpointing_errors",
+        "faster_copy",
+        "finish_bundle_before_checkpointing",
+        "flink_conf_dir",
+        "latency_tracking_interval",
+        "max_bundle_size",
+        "max_bundle_time_mills",
+        "min_pause_between_checkpoints",
+        "num_concurrent_checkpoints",
+        "number_of_execution_retries",
+        "object_reuse",
+        "operator_chaining",
+        "re_iterable_group_by_key_result",
+        "report_checkpoint_duration",
+        "retain_externalized_checkpoints_on_cancellation",
+        "savepoint_path",
+        "shutdown_sources_after_idle_ms",
+        "state_backend",
+        "state_backend_factory",
+        "state_backend_storage_path",
+    }
+)
+
+
+class UnknownProfile(KeyError, ValueError):
+    """An unknown profile name; catch it as ``KeyError`` or ``ValueError``."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+def profile_options(name: str, streaming: bool) -> dict[str, object]:
+    """The options of profile ``name`` for a streaming or bounded pipeline, as a dict."""
+    if name not in PROFILES:
+        raise UnknownProfile(
+            f"unknown runner profile {name!r}; choose one of: {', '.join(PROFILE_NAMES)}"
+        )
+    if streaming and name in BOUNDED_ONLY:
+        raise ValueError(f"profile {name!r} cannot run a streaming pipeline: {BOUNDED_ONLY[name]}")
+    extra = STREAMING_OPTIONS if streaming else BATCH_OPTIONS
+    return {**PROFILES[name], **extra.get(name, {})}
+
+
+def _format(options: Mapping[str, object]) -> list[str]:
+    args: list[str] = []
+    for key, value in options.items():
+        if value is True:
+            args.append(f"--{key}")
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, (list, tuple)):
+            args.extend(f"--{key}={item}" for item in value)
+        else:
+            args.append(f"--{key}={value}")
+    return args
+
+
+def profile_args(name: str, streaming: bool) -> list[str]:
+    """Profile ``name`` as ``--flag=value`` strings (booleans as bare ``--flag``).
+
+    Raises :class:`UnknownProfile` (a ``KeyError`` and a ``ValueError``) for an unknown name
+    and ``ValueError`` for a bounded-only profile asked for a streaming pipeline.
+    """
+    return _format(profile_options(name, streaming))
+
+
+_PARSER = None
+
+
+def _beam_parser():
+    """An argument parser holding every Beam pipeline option of the installed SDK."""
+    global _PARSER
+    if _PARSER is None:
+        from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+        parser = _BeamArgumentParser(allow_abbrev=False)
+        for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+            cls._add_argparse_args(parser)
+        _PARSER = parser
+    return _PARSER
+
+
+def _dest(token: str) -> str | None:
+    """The option a ``--flag[=value]`` token sets (aliases resolved), or None for a value."""
+    if not token.startswith("--") or token == "--":
+        return None
+    flag = token.split("=", 1)[0]
+    action = _beam_parser()._option_string_actions.get(flag)
+    if action is not None:
+        return action.dest
+    return flag[2:].replace("-", "_")
+
+
+#: Overriding the key also drops these profile options (they only make sense with the
+#: profile's value): an explicit ``--environment_type=LOOPBACK`` must not inherit the
+#: profile's ``--environment_config=localhost:50000`` (Beam rejects that combination).
+_COUPLED: dict[str, frozenset[str]] = {
+    "environment_type": frozenset({"environment_config", "environment_options"}),
+}
+
+
+def merge_args(profile: Sequence[str], explicit: Sequence[str]) -> list[str]:
+    """Profile arguments followed by the explicit ones, minus profile flags set explicitly.
+
+    A flag counts as the same when it sets the same Beam option, so ``--experiment=x``
+    replaces the profile's ``--experiments=...`` and ``--runner X`` (two tokens) replaces
+    ``--runner=...``. An explicit ``--environment_type`` also drops the profile's
+    ``--environment_config``. Explicit arguments are kept verbatim and in order. ``profile``
+    must be one-token flags, as :func:`profile_args` returns.
+    """
+    overridden = {d for d in map(_dest, explicit) if d is not None}
+    for dest in list(overridden):
+        overridden |= _COUPLED.get(dest, frozenset())
+    kept = [arg for arg in profile if _dest(arg) not in overridden]
+    return kept + list(explicit)
+
+
+def missing_options(name: str, args: Iterable[str]) -> list[str]:
+    """Required options of profile ``name`` (flag names) that ``args`` does not set."""
+    if name not in REQUIRED_OPTIONS:
+        raise UnknownProfile(
+            f"unknown runner profile {name!r}; choose one of: {', '.join(PROFILE_NAMES)}"
+        )
+    given = {d for d in map(_dest, args) if d is not None}
+    return [option for option in REQUIRED_OPTIONS[name] if option not in given]
+
+
+def unrecognized_args(args: Sequence[str]) -> list[str]:
+    """The arguments that are neither Beam (Python SDK) options nor Flink runner options.
+
+    Raises ``ValueError`` when a known Beam option has a bad value (e.g. an unknown
+    ``--flink_version``). A Flink runner option given as two tokens takes its value along.
+    """
+    try:
+        _, unknown = _beam_parser().parse_known_args(list(args))
+    except SystemExit:
+        raise ValueError(f"bad Beam pipeline option value in: {' '.join(args)}") from None
+    rest: list[str] = []
+    i = 0
+    while i < len(unknown):
+        token = unknown[i]
+        dest = _dest(token)
+        if dest in FLINK_RUNNER_OPTIONS:
+            has_value = "=" in token
+            if not has_value and i + 1 < len(unknown) and not unknown[i + 1].startswith("-"):
+                i += 1  # its value
+        else:
+            rest.append(token)
+        i += 1
+    return rest
