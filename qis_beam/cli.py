@@ -87,7 +87,12 @@ def _add_pipeline_options(p: argparse.ArgumentParser, streaming: bool) -> None:
     g.add_argument("--max-packet-bytes", type=_positive_int, default=1024)
     g.add_argument("--max-clock-skew", type=_duration, default="5m")
     g.add_argument("--dedupe-ttl", type=_duration, default="24h", help="streaming dedupe horizon")
-    g.add_argument("--dedupe-shards", type=_positive_int, default=8, help="batch dedupe groups")
+    g.add_argument(
+        "--dedupe-shards",
+        type=_positive_int,
+        default=1,
+        help="batch dedupe groups by packet_id (1 on one machine; e.g. 4x workers on a cluster)",
+    )
     g = p.add_argument_group("synthesis (spec sections 5-6)")
     g.add_argument("--window", type=_duration, default="1h", help="event-time window size")
     g.add_argument(

@@ -51,6 +51,6 @@ class Settings:
     synthesis: SynthesisParams = SynthesisParams()
     windows: WindowSettings = WindowSettings()
     stream: StreamSettings = StreamSettings()
-    dedupe_shards: int = 8  # batch dedupe: parallel groups keyed by packet_id
+    dedupe_shards: int = 1  # batch dedupe: parallel groups keyed by packet_id (raise on clusters)
     read_batch_size: int = 50_000  # records per batch handed on by the shard reader
     hot_key_fanout: int = 0  # batch: CombinePerKey.with_hot_key_fanout (0 = off)

@@ -78,36 +78,61 @@ def _cached_node_id(public_key: bytes) -> bytes:
     return node_id
 
 
-def _invalid_field(packet: packet_pb2.OutcomePacket, now_ms: int, skew_ms: int) -> str | None:
+_valid_ids: dict[str, bool] = {}
+
+
+def _id_ok(pattern: re.Pattern, text: str) -> bool:
+    # Template and approach ids repeat across packets: remember verdicts (bounded).
+    key = pattern.pattern + "\0" + text
+    verdict = _valid_ids.get(key)
+    if verdict is None:
+        if len(_valid_ids) > 100_000:
+            _valid_ids.clear()
+        verdict = _valid_ids[key] = pattern.fullmatch(text) is not None
+    return verdict
+
+
+def _all_finite(values) -> bool:
+    # One C-level sum is finite iff every term is, unless finite terms overflow.
+    return math.isfinite(sum(values)) or all(math.isfinite(v) for v in values)
+
+
+def _invalid_field(packet: packet_pb2.OutcomePacket, skew_ms: int) -> str | None:
     """The first broken rule of spec section 2 (other than version and node id), or None."""
     if len(packet.packet_id) != 16:
         return f"packet_id has {len(packet.packet_id)} bytes, expected 16"
     if len(packet.semantic_address) != 32:
         return f"semantic_address has {len(packet.semantic_address)} bytes, expected 32"
-    if not TEMPLATE_ID_RE.fullmatch(packet.template_id):
+    if not _id_ok(TEMPLATE_ID_RE, packet.template_id):
         return "template_id must be 1-64 chars of [a-z0-9_.:/-]"
-    if not APPROACH_ID_RE.fullmatch(packet.approach_id):
+    if not _id_ok(APPROACH_ID_RE, packet.approach_id):
         return "approach_id must be 1-64 chars, [a-z0-9][a-z0-9_.:=/+-]*"
-    if packet.outcome_type not in (1, 2, 3, 4):
-        return f"outcome_type {packet.outcome_type} is not RESOLVED, PARTIAL, CONTRADICTED or OPEN"
+    outcome_type = packet.outcome_type
+    if not 1 <= outcome_type <= 4:
+        return f"outcome_type {outcome_type} is not RESOLVED, PARTIAL, CONTRADICTED or OPEN"
     if not math.isfinite(packet.outcome_delta):
         return "outcome_delta must be finite"
     confidence = packet.confidence
     if not (0.0 <= confidence <= 1.0):  # also false for NaN
         return f"confidence {confidence!r} is outside [0, 1]"
-    if packet.event_time_ms <= 0:
-        return f"event_time_ms {packet.event_time_ms} must be > 0"
-    if packet.emit_time_ms < packet.event_time_ms - skew_ms:
+    event_time_ms = packet.event_time_ms
+    if event_time_ms <= 0:
+        return f"event_time_ms {event_time_ms} must be > 0"
+    if packet.emit_time_ms < event_time_ms - skew_ms:
         return "emit_time_ms is earlier than event_time_ms - max clock skew"
-    if len(packet.metrics) > MAX_METRICS:
-        return f"metrics has {len(packet.metrics)} entries, at most {MAX_METRICS}"
-    for name, value in packet.metrics.items():
-        if not math.isfinite(value):
-            return f"metrics[{name!r}] must be finite"
-    if len(packet.context_embedding) > MAX_EMBEDDING:
-        return f"context_embedding has {len(packet.context_embedding)} values, at most 64"
-    if not all(math.isfinite(v) for v in packet.context_embedding):
-        return "context_embedding values must be finite"
+    metrics = packet.metrics
+    if metrics:
+        if len(metrics) > MAX_METRICS:
+            return f"metrics has {len(metrics)} entries, at most {MAX_METRICS}"
+        if not _all_finite(list(metrics.values())):
+            bad = next(name for name, value in metrics.items() if not math.isfinite(value))
+            return f"metrics[{bad!r}] must be finite"
+    embedding = packet.context_embedding
+    if embedding:
+        if len(embedding) > MAX_EMBEDDING:
+            return f"context_embedding has {len(embedding)} values, at most 64"
+        if not _all_finite(embedding):
+            return "context_embedding values must be finite"
     return None
 
 
@@ -158,7 +183,7 @@ def validate(
     if policy.registry is not None and public_key not in policy.registry:
         return Rejection("unknown_node", "public_key is not in the node registry", packet_id)
     now = now_ms if now_ms is not None else policy.clock_ms()
-    problem = _invalid_field(packet, now, policy.max_clock_skew_ms)
+    problem = _invalid_field(packet, policy.max_clock_skew_ms)
     if problem is not None:
         return Rejection("invalid_field", problem, packet_id)
     if packet.event_time_ms > now + policy.max_clock_skew_ms:

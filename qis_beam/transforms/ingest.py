@@ -5,7 +5,12 @@ copy of a packet_id in one place, so valid packets are shuffled by packet_id int
 ``dedupe_shards`` groups (lists, not single records, cross the shuffle); each group keeps,
 per packet_id, the lexicographically smallest payload: identical extra copies are counted
 as duplicates, copies with any other payload are ``conflicting_duplicate`` dead letters.
-The verdict does not depend on arrival order, bundling or sharding.
+The verdict does not depend on arrival order, bundling or sharding. With more than one
+shard the kept payloads are regrouped by address before folding.
+
+Memory: the runner's shuffle holds every valid record once. Flink and Dataflow spill it to
+disk; the FnApiRunner keeps it in memory, so a local backfill's peak memory grows with the
+number of packets (measured in benchmarks/).
 """
 
 from __future__ import annotations
@@ -72,6 +77,21 @@ class _DedupeShardFn(beam.DoFn):
         counter("valid").inc(len(result.kept))
         # Payload bytes, not parsed messages, cross transform boundaries: they encode cheaply.
         yield [payload_of(record) for record in result.kept.values()]
+
+
+class _SplitByAddressFn(beam.DoFn):
+    """Kept payloads of one dedupe shard -> one list per address bucket."""
+
+    def __init__(self, buckets: int):
+        self._buckets = buckets
+
+    def process(self, payloads: list[bytes]) -> Iterator[tuple[str, list[bytes]]]:
+        by_bucket: dict[int, list[bytes]] = {}
+        for payload in payloads:
+            address = packet_pb2.OutcomePacket.FromString(payload).semantic_address
+            by_bucket.setdefault(address[0] % self._buckets, []).append(payload)
+        for bucket, items in by_bucket.items():
+            yield f"{bucket:04d}", items
 
 
 class IngestBatches(beam.PTransform):

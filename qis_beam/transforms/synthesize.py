@@ -62,6 +62,9 @@ class MergeSynthesesFn(beam.CombineFn):
     def extract_output(self, accumulator: Synthesis) -> Synthesis:
         return accumulator
 
+    def get_accumulator_coder(self) -> coders.Coder:
+        return SynthesisCoder()  # the versioned encoding, not a pickle
+
 
 class _FoldPacketListsFn(beam.DoFn):
     """A list of payloads -> one partial per (address, bucket), stamped at the bucket start."""
@@ -126,23 +129,15 @@ FINAL_PANE = {"timing": "ON_TIME", "index": 0, "is_last": True}
 
 
 class _FormatWindowedFn(beam.DoFn):
-    def __init__(self, params: SynthesisParams, streaming: bool):
+    def __init__(self, params: SynthesisParams):
         self._params = params
-        self._streaming = streaming
 
     def process(
         self, element: Partial, w=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam
     ) -> Iterator[dict]:
         address, synthesis = element
         bounds = (w.start.micros // 1000, w.end.micros // 1000)
-        if self._streaming:
-            pane_info = {
-                "timing": _TIMING[pane.timing],
-                "index": pane.index,
-                "is_last": pane.is_last,
-            }
-        else:
-            pane_info = dict(FINAL_PANE)
+        pane_info = {"timing": _TIMING[pane.timing], "index": pane.index, "is_last": pane.is_last}
         counter("synthesis_records.windowed").inc()
         yield synthesis_record(address, synthesis, self._params, bounds, pane_info)
 
@@ -155,6 +150,36 @@ class _FormatAllTimeFn(beam.DoFn):
         address, synthesis = element
         counter("synthesis_records.all_time").inc()
         yield synthesis_record(address, synthesis, self._params, None, dict(FINAL_PANE))
+
+
+class _KeyByWindowFn(beam.DoFn):
+    """Bounded input: (address, partial) -> ("address|start|end", partial) per window.
+
+    Batch has no late data and fires each window once, so windows can be grouping keys in
+    the global window; Beam's windowed GroupByKey would run its trigger machinery per
+    element for nothing (a fifth of a backfill's time). The windows come from the same
+    WindowFn the streaming path uses.
+    """
+
+    def __init__(self, windows: WindowSettings):
+        self._window_fn = window_fn(windows)
+
+    def process(self, element: Partial, ts=beam.DoFn.TimestampParam) -> Iterator[Partial]:
+        address, partial = element
+        for w in self._window_fn.assign(window.WindowFn.AssignContext(ts)):
+            yield f"{address}|{w.start.micros // 1000}|{w.end.micros // 1000}", partial
+
+
+class _FormatKeyedWindowFn(beam.DoFn):
+    def __init__(self, params: SynthesisParams):
+        self._params = params
+
+    def process(self, element: Partial) -> Iterator[dict]:
+        key, synthesis = element
+        address, start_ms, end_ms = key.split("|")
+        counter("synthesis_records.windowed").inc()
+        bounds = (int(start_ms), int(end_ms))
+        yield synthesis_record(address, synthesis, self._params, bounds, dict(FINAL_PANE))
 
 
 def window_fn(windows: WindowSettings):
@@ -195,23 +220,30 @@ class SynthesizeWindows(beam.PTransform):
         self._fanout = hot_key_fanout
 
     def expand(self, partials):
-        if self._streaming:
-            windowing = beam.WindowInto(
-                window_fn(self._windows),
-                trigger=streaming_trigger(self._windows),
-                accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
-                allowed_lateness=Duration(micros=self._windows.allowed_lateness_ms * 1000),
-            )
-        else:  # bounded input has no late data: the default trigger, which every runner lifts
-            windowing = beam.WindowInto(window_fn(self._windows))
         merge = beam.CombinePerKey(MergeSynthesesFn())
-        if self._fanout > 1 and not self._streaming:
-            merge = merge.with_hot_key_fanout(self._fanout)
+        if not self._streaming:
+            if self._fanout > 1:
+                merge = merge.with_hot_key_fanout(self._fanout)
+            return (
+                partials
+                | "KeyByWindow"
+                >> beam.ParDo(_KeyByWindowFn(self._windows)).with_output_types(
+                    tuple[str, Synthesis]
+                )
+                | "MergePerAddressWindow" >> merge.with_output_types(tuple[str, Synthesis])
+                | "FormatWindowed" >> beam.ParDo(_FormatKeyedWindowFn(self._params))
+            )
+        windowing = beam.WindowInto(
+            window_fn(self._windows),
+            trigger=streaming_trigger(self._windows),
+            accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
+            allowed_lateness=Duration(micros=self._windows.allowed_lateness_ms * 1000),
+        )
         return (
             partials
             | "WindowByEventTime" >> windowing
             | "MergePerAddressWindow" >> merge.with_output_types(tuple[str, Synthesis])
-            | "FormatWindowed" >> beam.ParDo(_FormatWindowedFn(self._params, self._streaming))
+            | "FormatWindowed" >> beam.ParDo(_FormatWindowedFn(self._params))
         )
 
 
