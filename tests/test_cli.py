@@ -14,16 +14,45 @@ from qis_beam.transforms.outputs import read_json_lines
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     out = tmp_path_factory.mktemp("swarm")
-    assert main(["simulate", "--out", str(out), "--packets", "3000", "--addresses", "6",
-                 "--nodes", "60", "--malformed-fraction", "0.01", "--seed", "7"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--out",
+                str(out),
+                "--packets",
+                "3000",
+                "--addresses",
+                "6",
+                "--nodes",
+                "60",
+                "--malformed-fraction",
+                "0.01",
+                "--seed",
+                "7",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def backfilled(swarm, tmp_path_factory):
     output = tmp_path_factory.mktemp("backfill")
-    code = main(["backfill", "--input", str(swarm / "packets-*.tfrecord"), "--output", str(output),
-                 "--node-registry", str(swarm / "nodes.txt"), "--runner", "FnApiRunner"])
+    code = main(
+        [
+            "backfill",
+            "--input",
+            str(swarm / "packets-*.tfrecord"),
+            "--output",
+            str(output),
+            "--node-registry",
+            str(swarm / "nodes.txt"),
+            "--runner",
+            "FnApiRunner",
+        ]
+    )
     assert code == 0
     return output
 
@@ -47,8 +76,20 @@ def test_query_by_context_matches_truth(swarm, backfilled, capsys):
     for address, facts in truth["addresses"].items():
         context = [f"{k}={v}" for k, v in facts["context"].items()]
         capsys.readouterr()
-        assert main(["query", "--store", str(backfilled / "intelligence.db"),
-                     "--template", facts["template_id"], "--context", *context]) == 0
+        assert (
+            main(
+                [
+                    "query",
+                    "--store",
+                    str(backfilled / "intelligence.db"),
+                    "--template",
+                    facts["template_id"],
+                    "--context",
+                    *context,
+                ]
+            )
+            == 0
+        )
         latest = json.loads(capsys.readouterr().out)
         assert latest["address"] == address and latest["window_start_ms"] is None
         hits += latest["recommended_approach"] == facts["best_approach"]
@@ -110,13 +151,43 @@ def test_replay_agrees_with_backfill_when_nothing_is_too_late(tmp_path, capsys):
     swarm = tmp_path / "swarm"
     # no duplicates: the streaming rule (first arrival wins) and the batch rule (smallest
     # payload wins) only differ on conflicting copies
-    assert main(["simulate", "--out", str(swarm), "--packets", "1500", "--addresses", "4",
-                 "--nodes", "30", "--duplicate-fraction", "0", "--seed", "3"]) == 0
-    common = ["--input", str(swarm / "packets-*.tfrecord"), "--node-registry",
-              str(swarm / "nodes.txt"), "--allowed-lateness", "3d", "--dedupe-ttl", "7d"]
+    assert (
+        main(
+            [
+                "simulate",
+                "--out",
+                str(swarm),
+                "--packets",
+                "1500",
+                "--addresses",
+                "4",
+                "--nodes",
+                "30",
+                "--duplicate-fraction",
+                "0",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
+    common = [
+        "--input",
+        str(swarm / "packets-*.tfrecord"),
+        "--node-registry",
+        str(swarm / "nodes.txt"),
+        "--allowed-lateness",
+        "3d",
+        "--dedupe-ttl",
+        "7d",
+    ]
     assert main(["backfill", *common, "--output", str(tmp_path / "batch")]) == 0
-    assert main(["replay", *common, "--output", str(tmp_path / "stream"),
-                 "--early-firing-count", "20"]) == 0
+    assert (
+        main(
+            ["replay", *common, "--output", str(tmp_path / "stream"), "--early-firing-count", "20"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "panes: EARLY=" in out and "too_late=0" in out
 

@@ -198,7 +198,9 @@ def streaming_trigger(windows: WindowSettings):
     if windows.early_firing_count > 0:
         early.append(trigger.AfterCount(windows.early_firing_count))
     if windows.early_firing_delay_ms > 0:
-        early.append(trigger.AfterProcessingTime(windows.early_firing_delay_ms / 1000))
+        # Beam encodes this delay in whole seconds.
+        seconds = max(1, round(windows.early_firing_delay_ms / 1000))
+        early.append(trigger.AfterProcessingTime(seconds))
     early_trigger = trigger.AfterAny(*early) if len(early) > 1 else (early[0] if early else None)
     return trigger.AfterWatermark(early=early_trigger, late=trigger.AfterCount(1))
 

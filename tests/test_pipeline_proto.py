@@ -1,0 +1,119 @@
+"""What runners see: the pipeline protos of backfill and of the streaming graph.
+
+Flink and Dataflow match state by step name and shuffle keys by their encoded bytes, so every
+GroupByKey and stateful step must have a deterministic key coder; batch runners reject
+processing-time triggers (beam-facts.md), so the backfill must contain none.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.portability import common_urns
+from apache_beam.portability.api import beam_runner_api_pb2
+from apache_beam.testing.test_stream import TestStream
+
+from qis_beam.pipelines.backfill import build_backfill
+from qis_beam.pipelines.streaming import build_streaming_graph
+from qis_beam.settings import Settings, WindowSettings
+from qis_beam.transforms.outputs import WriteJsonLines, WriteJsonLinesOnDrain
+
+DETERMINISTIC = {"beam:coder:string_utf8:v1", "beam:coder:bytes:v1", "beam:coder:varint:v1"}
+PORTABLE_STATE = {"read_modify_write_spec", "bag_spec", "combining_spec", "set_spec"}
+
+
+def key_coder_urn(components, pcollection_id: str) -> str:
+    coder = components.coders[components.pcollections[pcollection_id].coder_id]
+    while coder.spec.urn == "beam:coder:length_prefix:v1":
+        coder = components.coders[coder.component_coder_ids[0]]
+    assert coder.spec.urn == "beam:coder:kv:v1", coder.spec.urn
+    key = components.coders[coder.component_coder_ids[0]]
+    while key.spec.urn == "beam:coder:length_prefix:v1":
+        key = components.coders[key.component_coder_ids[0]]
+    return key.spec.urn
+
+
+def keyed_inputs(proto):
+    """(label, key coder URN, state kinds) of every GroupByKey and stateful ParDo of ours.
+
+    Beam's own file sink groups on one constant internal key (``WriteImpl``); it is not ours
+    to type and is left out.
+    """
+    components = proto.components
+    for transform in components.transforms.values():
+        if "/WriteImpl/" in transform.unique_name:
+            continue
+        urn = transform.spec.urn
+        if urn == common_urns.primitives.GROUP_BY_KEY.urn:
+            (pcoll,) = transform.inputs.values()
+            yield transform.unique_name, key_coder_urn(components, pcoll), []
+        elif urn == common_urns.primitives.PAR_DO.urn:
+            payload = beam_runner_api_pb2.ParDoPayload.FromString(transform.spec.payload)
+            if payload.state_specs or payload.timer_family_specs:
+                main = next(p for t, p in transform.inputs.items() if t not in payload.side_inputs)
+                kinds = [s.WhichOneof("spec") for s in payload.state_specs.values()]
+                yield transform.unique_name, key_coder_urn(components, main), kinds
+
+
+def has_processing_time(trigger) -> bool:
+    kind = trigger.WhichOneof("trigger")
+    if kind == "after_processing_time":
+        return True
+    inner = getattr(trigger, kind)
+    children = []
+    for field, value in inner.ListFields():
+        if field.message_type is not None and field.message_type.name == "Trigger":
+            children.extend(value if field.label == field.LABEL_REPEATED else [value])
+    return any(has_processing_time(child) for child in children)
+
+
+def test_backfill_proto_keys_and_triggers(tmp_path):
+    (tmp_path / "packets-0.tfrecord").write_bytes(b"")
+    pipeline = beam.Pipeline(options=PipelineOptions([], runner="FnApiRunner"))
+    build_backfill(pipeline, str(tmp_path / "*.tfrecord"), str(tmp_path / "out"), Settings())
+    proto = pipeline.to_runner_api()
+    found = list(keyed_inputs(proto))
+    labels = {label for label, _, _ in found}
+    assert any("ShuffleByPacketId" in label for label in labels)
+    assert any("MergePerAddressWindow" in label for label in labels)
+    for label, key, _ in found:
+        assert key in DETERMINISTIC, (label, key)
+    for strategy in proto.components.windowing_strategies.values():
+        assert not has_processing_time(strategy.trigger)
+
+
+def test_streaming_proto_uses_portable_state_and_deterministic_keys(tmp_path):
+    windows = WindowSettings(early_firing_count=10, early_firing_delay_ms=30_000)
+    pipeline = beam.Pipeline(options=PipelineOptions([], streaming=True))
+    records = pipeline | TestStream().with_output_types(tuple[bytes, str])
+    build_streaming_graph(
+        records, str(tmp_path), Settings(windows=windows), write=WriteJsonLinesOnDrain, tally=True
+    )
+    found = list(keyed_inputs(pipeline.to_runner_api()))
+    stateful = [(label, kinds) for label, _, kinds in found if kinds]
+    assert {label.split("/")[0] for label, _ in stateful} >= {
+        "Ingest",
+        "SynthesizeAllTime",
+        "FlagTooLate",
+    }
+    for label, key, kinds in found:
+        assert key in DETERMINISTIC, (label, key)
+        assert set(kinds) <= PORTABLE_STATE, (label, kinds)
+    # the processing-time early firing exists only in the streaming graph
+    strategies = pipeline.to_runner_api().components.windowing_strategies.values()
+    assert any(has_processing_time(s.trigger) for s in strategies)
+
+
+def test_step_labels_are_stable(tmp_path):
+    """Savepoints and Dataflow updates match state by step name: same graph, same names."""
+
+    def labels():
+        pipeline = beam.Pipeline(options=PipelineOptions([], runner="FnApiRunner"))
+        build_backfill(pipeline, str(tmp_path / "*.tfrecord"), str(tmp_path / "o"), Settings())
+        return sorted(
+            t.unique_name for t in pipeline.to_runner_api().components.transforms.values()
+        )
+
+    (tmp_path / "p.tfrecord").write_bytes(b"")
+    assert labels() == labels()
+    assert WriteJsonLines  # the batch sink is a named composite used by backfill
