@@ -6,6 +6,7 @@ import apache_beam as beam
 from apache_beam.transforms import window
 
 from qis_beam.settings import Settings
+from qis_beam.transforms.bigquery import WriteSynthesisToBigQuery
 from qis_beam.transforms.deadletters import DEAD_LETTERS
 from qis_beam.transforms.ingest import IngestBatches
 from qis_beam.transforms.outputs import DEAD_LETTERS_PREFIX, SYNTHESIS_PREFIX, WriteJsonLines
@@ -14,7 +15,11 @@ from qis_beam.transforms.synthesize import FoldPacketLists, SynthesizeAllTime, S
 
 
 def build_backfill(
-    pipeline: beam.Pipeline, input_pattern: str, output_dir: str, settings: Settings
+    pipeline: beam.Pipeline,
+    input_pattern: str,
+    output_dir: str,
+    settings: Settings,
+    bigquery_table: str | None = None,
 ):
     read = pipeline | "ReadPacketLogs" >> ReadRecordBatches(input_pattern, settings.read_batch_size)
     packets, ingest_dead = read.batches | "Ingest" >> IngestBatches(
@@ -31,11 +36,10 @@ def build_backfill(
         settings.synthesis, hot_key_fanout=settings.hot_key_fanout
     )
     windowed = windowed | "UnwindowRecords" >> beam.WindowInto(window.GlobalWindows())
-    (
-        (windowed, all_time)
-        | "AllSynthesis" >> beam.Flatten()
-        | "WriteSynthesis" >> WriteJsonLines(output_dir, SYNTHESIS_PREFIX)
-    )
+    records = (windowed, all_time) | "AllSynthesis" >> beam.Flatten()
+    records | "WriteSynthesis" >> WriteJsonLines(output_dir, SYNTHESIS_PREFIX)
+    if bigquery_table:
+        records | "WriteSynthesisToBigQuery" >> WriteSynthesisToBigQuery(bigquery_table, False)
     (
         (read[DEAD_LETTERS], ingest_dead)
         | "AllDeadLetters" >> beam.Flatten()

@@ -65,10 +65,16 @@ def read_envelopes(pipeline: beam.Pipeline, source: SourceSettings):
     ).with_output_types(tuple[bytes, str])
 
 
-def build_run(pipeline: beam.Pipeline, source: SourceSettings, output_dir: str, settings: Settings):
+def build_run(
+    pipeline: beam.Pipeline,
+    source: SourceSettings,
+    output_dir: str,
+    settings: Settings,
+    bigquery_table: str | None = None,
+):
     records = read_envelopes(pipeline, source)
 
     def write(directory: str, prefix: str):
         return WriteJsonLinesContinuously(directory, prefix, source.flush_seconds)
 
-    build_streaming_graph(records, output_dir, settings, write=write)
+    build_streaming_graph(records, output_dir, settings, write=write, bigquery_table=bigquery_table)

@@ -11,6 +11,7 @@ import apache_beam as beam
 from apache_beam.transforms import window
 
 from qis_beam.settings import Settings
+from qis_beam.transforms.bigquery import WriteSynthesisToBigQuery
 from qis_beam.transforms.outputs import DEAD_LETTERS_PREFIX, SYNTHESIS_PREFIX, TALLIES_PREFIX
 from qis_beam.transforms.stream import (
     AllTimeSnapshots,
@@ -22,7 +23,14 @@ from qis_beam.transforms.stream import (
 from qis_beam.transforms.synthesize import SynthesizeWindows
 
 
-def build_streaming_graph(records, output_dir: str, settings: Settings, write, tally: bool = False):
+def build_streaming_graph(
+    records,
+    output_dir: str,
+    settings: Settings,
+    write,
+    tally: bool = False,
+    bigquery_table: str | None = None,
+):
     """records: PCollection of (record, source); ``write(output_dir, prefix)`` is the sink.
 
     ``tally`` adds exact counts as ``tallies-*.jsonl`` once a finite stream drains (replay).
@@ -44,11 +52,13 @@ def build_streaming_graph(records, output_dir: str, settings: Settings, write, t
         settings.stream, settings.synthesis
     )
     too_late = packets | "FlagTooLate" >> FlagTooLate(settings.windows)
-    (
-        (windowed | "UnwindowRecords" >> beam.WindowInto(window.GlobalWindows()), all_time)
-        | "AllSynthesis" >> beam.Flatten()
-        | "WriteSynthesis" >> write(output_dir, SYNTHESIS_PREFIX)
-    )
+    synthesis = (
+        windowed | "UnwindowRecords" >> beam.WindowInto(window.GlobalWindows()),
+        all_time,
+    ) | "AllSynthesis" >> beam.Flatten()
+    synthesis | "WriteSynthesis" >> write(output_dir, SYNTHESIS_PREFIX)
+    if bigquery_table:
+        synthesis | "WriteSynthesisToBigQuery" >> WriteSynthesisToBigQuery(bigquery_table, True)
     (
         (ingest_dead, too_late)
         | "AllDeadLetters" >> beam.Flatten()

@@ -143,6 +143,7 @@ def _build_parser() -> _Parser:
     p = sub.add_parser("backfill", help="batch synthesis of packet logs (FnApiRunner by default)")
     p.add_argument("--input", required=True, help="glob of TFRecord packet logs (local or gs://)")
     p.add_argument("--output", required=True, help="output directory (local or gs://)")
+    p.add_argument("--bigquery-table", help="also append synthesis rows to PROJECT:DATASET.TABLE")
     _add_pipeline_options(p, streaming=False)
 
     p = sub.add_parser(
@@ -179,6 +180,7 @@ def _build_parser() -> _Parser:
     p.add_argument("--output", required=True, help="output directory (local or gs://)")
     p.add_argument("--flush-every", type=_duration, default="1m", help="output file period")
     p.add_argument("--wait", action="store_true", help="block until the job ends")
+    p.add_argument("--bigquery-table", help="also append synthesis rows to PROJECT:DATASET.TABLE")
     _add_pipeline_options(p, streaming=True)
 
     p = sub.add_parser("query", help="print the latest synthesis for an address")
@@ -347,7 +349,9 @@ def cmd_backfill(args, beam_args) -> int:
     settings = _settings(args)
     options = pipeline_options(beam_args, default_runner="FnApiRunner")
     summary = run_job(
-        lambda p: build_backfill(p, args.input, args.output, settings), args.output, options
+        lambda p: build_backfill(p, args.input, args.output, settings, args.bigquery_table),
+        args.output,
+        options,
     )
     _print_outputs(summary)
     return 0
@@ -396,7 +400,7 @@ def cmd_run(args, beam_args) -> int:
 
     options = pipeline_options(beam_args, default_runner="DirectRunner", streaming=True)
     pipeline = beam.Pipeline(options=options)
-    build_run(pipeline, source, args.output, settings)
+    build_run(pipeline, source, args.output, settings, args.bigquery_table)
     result = pipeline.run()
     print(f"submitted the streaming job; state {result.state}; outputs under {args.output}")
     if args.wait:

@@ -117,3 +117,29 @@ def test_step_labels_are_stable(tmp_path):
     (tmp_path / "p.tfrecord").write_bytes(b"")
     assert labels() == labels()
     assert WriteJsonLines  # the batch sink is a named composite used by backfill
+
+
+DRY_RUN = [
+    "--runner=DataflowRunner",
+    "--project=qis-dry-run",
+    "--region=us-central1",
+    "--temp_location=gs://qis-dry-run/tmp",
+    "--dry_run=True",
+]
+
+
+def test_bigquery_sink_translates_for_dataflow(tmp_path):
+    """The optional BigQuery sink, batch and streaming, as Dataflow would build it (offline)."""
+    from qis_beam.pipelines.run import SourceSettings, build_run
+
+    (tmp_path / "packets-0.tfrecord").write_bytes(b"")
+    table = "qis-dry-run:qis.synthesis"
+    batch = beam.Pipeline(options=PipelineOptions(DRY_RUN))
+    build_backfill(batch, str(tmp_path / "*.tfrecord"), "gs://qis-dry-run/out", Settings(), table)
+    assert batch.run().job.proto.type.name == "JOB_TYPE_BATCH"
+    stream = beam.Pipeline(options=PipelineOptions([*DRY_RUN, "--streaming"]))
+    source = SourceSettings(kind="pubsub", topic="projects/qis-dry-run/topics/packets")
+    build_run(stream, source, "gs://qis-dry-run/out", Settings(), table)
+    assert stream.run().job.proto.type.name == "JOB_TYPE_STREAMING"
+    names = [t.unique_name for t in stream.to_runner_api().components.transforms.values()]
+    assert any("WriteSynthesisToBigQuery" in name for name in names)
