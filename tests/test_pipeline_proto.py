@@ -63,7 +63,7 @@ def has_processing_time(trigger) -> bool:
     children = []
     for field, value in inner.ListFields():
         if field.message_type is not None and field.message_type.name == "Trigger":
-            children.extend(value if field.label == field.LABEL_REPEATED else [value])
+            children.extend(value if field.is_repeated else [value])
     return any(has_processing_time(child) for child in children)
 
 
