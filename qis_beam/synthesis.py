@@ -31,10 +31,18 @@ Bounded size (the accumulator does not grow with the number of packets):
   evicted from any part). Packets of untracked approaches still count in every address-level
   statistic.
 
-Internally a sketch is a Python ``set`` plus a threshold ``thr``: the set holds *every*
+Internally a sketch is a collection of hashes plus a threshold ``thr``: it holds *every*
 distinct hash seen that is ``<= thr`` (``thr = 2**64`` means "all of them") and, once ``thr``
-is finite, at least K of them. The set is pruned back to K lazily when it reaches 2K, so
-``add`` is an O(1) set insert; outputs and encodings use the K smallest.
+is finite, at least K of them. An accumulator being added to owns a mutable ``set``, pruned
+back to K lazily when it reaches 2K, so ``add`` is an O(1) set insert. Decoded, merged and
+batch-built sketches are immutable, sorted and at most K long, so they are shared rather than
+copied: a ``tuple`` while small (cheap to build, merge through a set and encode), else a uint64
+array (vectorised merges and encodings; batches hand out views into one array). Outputs and
+encodings use the K smallest, so which representation holds a sketch never changes a result.
+
+Encoding. ``to_bytes``/``from_bytes`` go through ``qis.v1.SynthesisState`` (protobuf's
+deterministic serialisation), so other implementations read the same bytes. A decoded sketch
+that is already sorted and distinct (the canonical encoding) is kept as it is, not re-sorted.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import math
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -97,14 +105,19 @@ DEFAULT_PARAMS = SynthesisParams()
 
 # --------------------------------------------------------------------------------------------
 # bottom-k sketch helpers. A sketch is (hashes, thr), see the module docstring. ``hashes`` is
-# either a set of Python ints (mutable, owned by one accumulator: the per-packet path) or a
-# sorted, distinct, at most k long uint64 array that is never written to, so it can be shared
-# without copying (batches and decoded states: they are mostly merged or re-encoded, which a
-# vectorised union does best, and arrays cost the garbage collector nothing).
+# either a set of Python ints (mutable, owned by one accumulator: the per-packet path), or an
+# immutable, sorted, distinct, at most k long sequence that is shared without copying: a tuple
+# of ints (decoded or merged, up to ``_TUPLE_MAX`` hashes) or a uint64 array that is never
+# written to (larger ones, and all of a batch's, which are views into one array until shared).
 
-Hashes = set[int] | np.ndarray
-_EMPTY = np.zeros(0, dtype=np.uint64)
-_EMPTY.flags.writeable = False
+Hashes = set[int] | tuple[int, ...] | np.ndarray
+_EMPTY: tuple[int, ...] = ()
+# Immutable sketches up to this many hashes are tuples (Python ints beat numpy's per-call cost).
+_TUPLE_MAX = 64
+# A merge into an immutable sketch goes through a Python set up to this many hashes in all,
+# through a vectorised sort of both sides beyond.
+_SET_MERGE_MAX = 128
+_lt = operator.lt
 
 
 def _prune(hashes: set[int], k: int) -> tuple[set[int], int]:
@@ -116,37 +129,67 @@ def _as_ints(hashes: Hashes) -> Iterable[int]:
     return hashes.tolist() if type(hashes) is np.ndarray else hashes
 
 
+def _as_array(hashes: Hashes) -> np.ndarray:
+    if type(hashes) is np.ndarray:
+        return hashes
+    if type(hashes) is tuple:
+        return np.array(hashes, dtype=np.uint64)
+    return np.fromiter(hashes, dtype=np.uint64, count=len(hashes))
+
+
+def _freeze(ordered: np.ndarray) -> tuple[int, ...] | np.ndarray:
+    """An owned, sorted, distinct uint64 array as an immutable sketch (a tuple while small)."""
+    return tuple(ordered.tolist()) if len(ordered) <= _TUPLE_MAX else ordered
+
+
+def _shared(hashes: Hashes) -> Hashes:
+    """``hashes`` for a second owner: sets are copied, immutable sketches shared."""
+    if type(hashes) is set:
+        return set(hashes)
+    if type(hashes) is np.ndarray and hashes.base is not None:
+        # A view into a whole batch's array would keep that array alive as long as the sketch.
+        return tuple(hashes.tolist()) if len(hashes) <= _TUPLE_MAX else hashes.copy()
+    return hashes
+
+
 def _merge_sketch(a: Hashes, a_thr: int, b: Hashes, b_thr: int, k: int) -> tuple[Hashes, int]:
     """Bottom-k of the union. Only ``a`` may be modified, and only if it is a set."""
     if len(b) == 0:
         return a, a_thr
     if len(a) == 0:
-        return (_owned(b) if type(b) is np.ndarray else set(b)), b_thr
-    thr = min(a_thr, b_thr)
-    if type(a) is set:
-        if thr == _INF:
-            a.update(_as_ints(b))
-        else:
-            # Each side is complete only below its own threshold: so is the union, below min.
+        return _shared(b), b_thr
+    thr = a_thr if a_thr < b_thr else b_thr
+    if type(a) is not set:
+        if len(a) + len(b) > _SET_MERGE_MAX:
+            # Two sorted runs: a stable (merging) sort, then drop the duplicates.
+            u = np.concatenate((_as_array(a), _as_array(b)))
+            u.sort(kind="stable")
+            u = _dedupe_sorted(u)
+            if thr != _INF:
+                u = u[u <= np.uint64(thr)]
+            if len(u) > k:
+                u = u[:k].copy()
+                thr = int(u[-1])
+            return _freeze(u), thr
+        # A fresh set this accumulator owns from now on.
+        a = set(a.tolist() if type(a) is np.ndarray else a)
+    if type(b) is np.ndarray:
+        b = b.tolist()
+    if thr == _INF:
+        a.update(b)
+    else:
+        # Each side is complete only below its own threshold: so is the union, below min.
+        if a_thr > thr:
             a = {x for x in a if x <= thr}
-            a.update(x for x in _as_ints(b) if x <= thr)
-        if len(a) >= 2 * k:
-            return _prune(a, k)
-        return a, thr
-    if type(b) is not np.ndarray:
-        b = np.fromiter(b, dtype=np.uint64, count=len(b))
-    u = np.union1d(a, b)
-    if thr != _INF:
-        u = u[u <= np.uint64(thr)]
-    if len(u) > k:
-        u = u[:k].copy()
-        thr = int(u[-1])
-    return u, thr
+        a.update([x for x in b if x <= thr])
+    if len(a) >= 2 * k:
+        return _prune(a, k)
+    return a, thr
 
 
 def _split_sketches(sorted_hashes: np.ndarray, bounds: np.ndarray, k: int) -> tuple[list, list]:
     """Sketches of consecutive runs ``sorted_hashes[bounds[i]:bounds[i+1]]`` (each run sorted and
-    distinct): views, not copies (see ``_owned``), and their thresholds."""
+    distinct): views, not copies (see ``_shared``), and their thresholds."""
     starts = bounds[:-1]
     ends = bounds[1:]
     cut = (ends - starts) > k
@@ -158,32 +201,51 @@ def _split_sketches(sorted_hashes: np.ndarray, bounds: np.ndarray, k: int) -> tu
     return views, thr
 
 
-def _owned(hashes: np.ndarray) -> np.ndarray:
-    # A view into a whole batch's array would keep that array alive as long as the sketch.
-    return hashes if hashes.base is None else hashes.copy()
-
-
-def _normalised(hashes: Hashes, k: int) -> list[int]:
-    """The k smallest hashes, ascending: the canonical content of a sketch."""
-    if type(hashes) is np.ndarray:
-        return hashes[:k].tolist()
-    return sorted(hashes)[:k]
-
-
 def _sketch_count(hashes: Hashes, k: int) -> int:
     if len(hashes) < k:
         return len(hashes)
-    kth = int(hashes[k - 1]) if type(hashes) is np.ndarray else sorted(hashes)[k - 1]
+    kth = sorted(hashes)[k - 1] if type(hashes) is set else int(hashes[k - 1])
     return round((k - 1) * _INF / kth)
 
 
-def _decode_sketch(hashes: Sequence[int], k: int) -> tuple[np.ndarray, int]:
-    # A stored sketch of K hashes may have dropped larger ones: it is complete up to its max.
-    ordered = np.unique(np.asarray(hashes, dtype=np.uint64))
-    if len(ordered) >= k:
-        kept = ordered[:k]
-        return kept, int(kept[-1])
-    return ordered, _INF
+def _smallest(hashes: Hashes, k: int) -> list[int]:
+    """The k smallest hashes, ascending: a sketch's encoding."""
+    if type(hashes) is set:
+        return sorted(hashes)[:k]
+    return hashes[:k].tolist() if type(hashes) is np.ndarray else list(hashes[:k])
+
+
+def _ascending(t: tuple[int, ...]) -> bool:
+    """Strictly increasing (so sorted and distinct)."""
+    m = len(t)
+    if m < 3:
+        return m < 2 or t[0] < t[1]
+    if m == 3:
+        return t[0] < t[1] < t[2]
+    return all(map(_lt, t, t[1:]))
+
+
+def _sketch_of(hashes: tuple[int, ...], k: int) -> tuple[Hashes, int]:
+    """A decoded sketch. A stored sketch of K hashes may have dropped larger ones: it is
+    complete up to its max. Sorted, distinct input (the canonical encoding) is kept as is."""
+    if not _ascending(hashes):
+        hashes = tuple(sorted(set(hashes)))
+    if len(hashes) > _TUPLE_MAX:
+        return _sketch_of_array(np.array(hashes, dtype=np.uint64), k)
+    if len(hashes) >= k:
+        hashes = hashes[:k]
+        return hashes, hashes[-1]
+    return hashes, _INF
+
+
+def _sketch_of_array(hashes: np.ndarray, k: int) -> tuple[Hashes, int]:
+    """:func:`_sketch_of` for an owned uint64 array."""
+    if len(hashes) > 1 and not (hashes[1:] > hashes[:-1]).all():
+        hashes = _sorted_unique(hashes)
+    if len(hashes) >= k:
+        hashes = hashes[:k].copy()
+        return _freeze(hashes), int(hashes[-1])
+    return _freeze(hashes), _INF
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +254,7 @@ def _decode_sketch(hashes: Sequence[int], k: int) -> tuple[np.ndarray, int]:
 class _Approach:
     """Per-approach sums. The delta is kept as a plain weighted sum (only its mean is reported)."""
 
-    __slots__ = ("approach_id", "key", "n", "tw", "wd", "ss", "fs", "nodes", "thr")
+    __slots__ = ("approach_id", "_key", "n", "tw", "wd", "ss", "fs", "nodes", "thr")
 
     def __init__(
         self,
@@ -207,7 +269,7 @@ class _Approach:
         thr: int = _INF,
     ) -> None:
         self.approach_id = approach_id
-        self.key = key if key is not None else (approach_hash(approach_id), approach_id)
+        self._key = key  # computed on first use: only needed when approaches are capped
         self.n = n
         self.tw = tw
         self.wd = wd
@@ -216,11 +278,25 @@ class _Approach:
         self.nodes = nodes
         self.thr = thr
 
+    @property
+    def key(self) -> tuple[int, str]:
+        """Tracking order: the smallest ``(approach_hash, approach_id)`` are tracked."""
+        key = self._key
+        if key is None:
+            key = self._key = (approach_hash(self.approach_id), self.approach_id)
+        return key
+
     def copy(self) -> _Approach:
-        nodes = self.nodes
-        nodes = set(nodes) if type(nodes) is set else _owned(nodes)
         return _Approach(
-            self.approach_id, self.key, self.n, self.tw, self.wd, self.ss, self.fs, nodes, self.thr
+            self.approach_id,
+            self._key,
+            self.n,
+            self.tw,
+            self.wd,
+            self.ss,
+            self.fs,
+            _shared(self.nodes),
+            self.thr,
         )
 
     def merge(self, other: _Approach, k: int) -> None:
@@ -354,7 +430,7 @@ class Synthesis:
 
         nodes = self._nodes
         if type(nodes) is not set:
-            nodes = self._nodes = set(nodes.tolist())
+            nodes = self._nodes = set(_as_ints(nodes))
         if h not in nodes and h < self._nodes_thr:
             nodes.add(h)
             if len(nodes) >= 2 * self.node_k:
@@ -373,7 +449,7 @@ class Synthesis:
             a.fs += w * (1.0 - s)
         nodes = a.nodes
         if type(nodes) is not set:
-            nodes = a.nodes = set(nodes.tolist())
+            nodes = a.nodes = set(_as_ints(nodes))
         if h not in nodes and h < a.thr:
             nodes.add(h)
             if len(nodes) >= 2 * self.approach_node_k:
@@ -439,7 +515,26 @@ class Synthesis:
     # ---------------------------------------------------------------------------- merging
 
     def copy(self) -> Synthesis:
-        return self._like()._merge(self, copy=True)
+        """An independent copy (immutable sketches are shared, everything mutable copied)."""
+        c = Synthesis.__new__(Synthesis)
+        c.node_k = self.node_k
+        c.approach_node_k = self.approach_node_k
+        c.max_approaches = self.max_approaches
+        c.n_packets = self.n_packets
+        c.total_weight = self.total_weight
+        c.mean_delta = self.mean_delta
+        c.m2_delta = self.m2_delta
+        c.success_sum = self.success_sum
+        c.failure_sum = self.failure_sum
+        c.outcome_counts = self.outcome_counts[:]
+        c.first_event_ms = self.first_event_ms
+        c.last_event_ms = self.last_event_ms
+        c.template_id = self.template_id
+        c._nodes = _shared(self._nodes)
+        c._nodes_thr = self._nodes_thr
+        c._approaches = {aid: a.copy() for aid, a in self._approaches.items()}
+        c._approach_max = self._approach_max
+        return c
 
     def merge(self, other: Synthesis) -> Synthesis:
         """Fold ``other`` into this accumulator (in place) and return self."""
@@ -465,11 +560,11 @@ class Synthesis:
             self.total_weight = tw
         self.success_sum += other.success_sum
         self.failure_sum += other.failure_sum
-        oc = self.outcome_counts
-        for i, c in enumerate(other.outcome_counts):
-            oc[i] += c
-        self.first_event_ms = min(self.first_event_ms, other.first_event_ms)
-        self.last_event_ms = max(self.last_event_ms, other.last_event_ms)
+        self.outcome_counts = list(map(operator.add, self.outcome_counts, other.outcome_counts))
+        if other.first_event_ms < self.first_event_ms:
+            self.first_event_ms = other.first_event_ms
+        if other.last_event_ms > self.last_event_ms:
+            self.last_event_ms = other.last_event_ms
         if other.template_id and (self.template_id is None or other.template_id < self.template_id):
             self.template_id = other.template_id
         self._nodes, self._nodes_thr = _merge_sketch(
@@ -524,32 +619,37 @@ class Synthesis:
         alpha = 1.0 + self.success_sum
         beta = 1.0 + self.failure_sum
 
+        # Sort rows (rank key, approach_id, ...): approach ids are distinct, so the order is
+        # decided by the key and the id alone; only the reported rows are turned into dicts.
+        # The keys are -_rank_round(...) inlined ("%" formats faster than format specs).
         ranked = []
+        min_support = params.min_support
         for a in self._approaches.values():
-            if a.n < params.min_support:
+            if a.n < min_support:
                 continue
-            a_mean = a.wd / a.tw if a.tw > 0.0 else None
-            a_succ = (1.0 + a.ss) / (2.0 + a.ss + a.fs)
-            ranked.append(
-                (
-                    (
-                        -_rank_round(a_succ),
-                        a_mean is None,
-                        -_rank_round(a_mean) if a_mean is not None else 0.0,
-                        a.approach_id,
-                    ),
-                    {
-                        "approach_id": a.approach_id,
-                        "n_packets": a.n,
-                        "n_nodes": _sketch_count(a.nodes, self.approach_node_k),
-                        "total_weight": a.tw,
-                        "mean_delta": a_mean,
-                        "success_mean": a_succ,
-                    },
-                )
-            )
-        ranked.sort(key=lambda r: r[0])
-        approaches = [r[1] for r in ranked[: max(params.top_k, 0)]]
+            a_tw = a.tw
+            a_ss = a.ss
+            a_succ = (1.0 + a_ss) / (2.0 + a_ss + a.fs)
+            succ_key = -float("%.12g" % a_succ)  # noqa: UP031
+            if a_tw > 0.0:
+                a_mean: float | None = a.wd / a_tw
+                mean_key = -float("%.12g" % a_mean)  # noqa: UP031
+                ranked.append((succ_key, False, mean_key, a.approach_id, a, a_mean, a_succ))
+            else:
+                ranked.append((succ_key, True, 0.0, a.approach_id, a, None, a_succ))
+        ranked.sort()
+        k = self.approach_node_k
+        approaches = [
+            {
+                "approach_id": aid,
+                "n_packets": a.n,
+                "n_nodes": _sketch_count(a.nodes, k),
+                "total_weight": a.tw,
+                "mean_delta": a_mean,
+                "success_mean": a_succ,
+            }
+            for _, _, _, aid, a, a_mean, a_succ in ranked[: max(params.top_k, 0)]
+        ]
         empty = self.n_packets == 0
         return {
             "n_packets": self.n_packets,
@@ -583,23 +683,25 @@ class Synthesis:
             success_sum=self.success_sum,
             failure_sum=self.failure_sum,
             outcome_counts=self.outcome_counts,
-            node_hashes=_normalised(self._nodes, self.node_k),
+            node_hashes=_smallest(self._nodes, self.node_k),
         )
         if self.n_packets:
             st.first_event_ms = self.first_event_ms
             st.last_event_ms = self.last_event_ms
         k = self.approach_node_k
-        for aid in sorted(self._approaches):
-            a = self._approaches[aid]
-            st.approaches.add(
+        approaches = self._approaches
+        st.approaches.extend(
+            state_pb2.ApproachState(
                 approach_id=aid,
                 n_packets=a.n,
                 total_weight=a.tw,
                 weighted_delta_sum=a.wd,
                 success_sum=a.ss,
                 failure_sum=a.fs,
-                node_hashes=_normalised(a.nodes, k),
+                node_hashes=_smallest(a.nodes, k),
             )
+            for aid, a in sorted(approaches.items())
+        )
         return st.SerializeToString(deterministic=True)
 
     @classmethod
@@ -610,6 +712,10 @@ class Synthesis:
         approach_node_k: int = APPROACH_NODE_SKETCH_K,
         max_approaches: int = MAX_TRACKED_APPROACHES,
     ) -> Synthesis:
+        return cls(node_k, approach_node_k, max_approaches)._decode_message(data)
+
+    def _decode_message(self, data: bytes) -> Synthesis:
+        """Read a ``SynthesisState`` encoding into this fresh accumulator."""
         st = state_pb2.SynthesisState()
         try:
             st.ParseFromString(data)
@@ -617,20 +723,19 @@ class Synthesis:
             raise ValueError(f"undecodable SynthesisState: {e}") from e
         if st.encoding_version != ENCODING_VERSION:
             raise ValueError(f"unknown SynthesisState encoding_version {st.encoding_version}")
-        s = cls(node_k, approach_node_k, max_approaches)
-        s.n_packets = st.n_packets
-        s.total_weight = st.total_weight
-        s.mean_delta = st.mean_delta
-        s.m2_delta = st.m2_delta
-        s.success_sum = st.success_sum
-        s.failure_sum = st.failure_sum
+        self.n_packets = st.n_packets
+        self.total_weight = st.total_weight
+        self.mean_delta = st.mean_delta
+        self.m2_delta = st.m2_delta
+        self.success_sum = st.success_sum
+        self.failure_sum = st.failure_sum
         counts = list(st.outcome_counts)[:5]
-        s.outcome_counts = counts + [0] * (5 - len(counts))
-        if s.n_packets:
-            s.first_event_ms = st.first_event_ms
-            s.last_event_ms = st.last_event_ms
-        s.template_id = st.template_id or None
-        s._nodes, s._nodes_thr = _decode_sketch(st.node_hashes, node_k)
+        self.outcome_counts = counts + [0] * (5 - len(counts))
+        if self.n_packets:
+            self.first_event_ms = st.first_event_ms
+            self.last_event_ms = st.last_event_ms
+        self.template_id = st.template_id or None
+        self._nodes, self._nodes_thr = _sketch_of(tuple(st.node_hashes), self.node_k)
         approaches = []
         for ast in st.approaches:
             a = _Approach(ast.approach_id)
@@ -639,15 +744,17 @@ class Synthesis:
             a.wd = ast.weighted_delta_sum
             a.ss = ast.success_sum
             a.fs = ast.failure_sum
-            a.nodes, a.thr = _decode_sketch(ast.node_hashes, approach_node_k)
+            a.nodes, a.thr = _sketch_of(tuple(ast.node_hashes), self.approach_node_k)
             approaches.append(a)
         approaches.sort(key=lambda a: a.key)
-        s._approaches = {a.approach_id: a for a in approaches[:max_approaches]}
-        return s
+        self._approaches = {a.approach_id: a for a in approaches[: self.max_approaches]}
+        return self
 
     def __reduce__(self):  # pickling (Beam's fallback coder) goes through the versioned encoding
+        if (self.node_k, self.approach_node_k, self.max_approaches) == _DEFAULT_CAPS:
+            return (_unpickle, (self.to_bytes(),))
         return (
-            Synthesis.from_bytes,
+            _unpickle,
             (self.to_bytes(), self.node_k, self.approach_node_k, self.max_approaches),
         )
 
@@ -658,11 +765,21 @@ class Synthesis:
         )
 
 
+_DEFAULT_CAPS = (NODE_SKETCH_K, APPROACH_NODE_SKETCH_K, MAX_TRACKED_APPROACHES)
+
+
+def _unpickle(data: bytes, *caps: int) -> Synthesis:
+    return Synthesis.from_bytes(data, *caps)
+
+
 def _rank_round(x: float) -> float:
-    """12 significant digits, so float noise from summation order cannot break a tie."""
-    if x == 0.0 or not math.isfinite(x):
-        return x
-    return round(x, 11 - math.floor(math.log10(abs(x))))
+    """12 significant digits, so float noise from summation order cannot break a tie.
+
+    Correctly rounded, i.e. ``round(x, 11 - floor(log10(abs(x))))`` (the two pick the decimal
+    exponent differently only within 1e-13 of a power of ten, which both then round to); zero,
+    infinities and nan come back as they are (a nan maybe with another sign).
+    """
+    return float("%.12g" % x)  # noqa: UP031 (faster than a format spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -685,7 +802,10 @@ def _factorize(values: Any) -> tuple[np.ndarray, list]:
 
 def _sorted_unique(x: np.ndarray) -> np.ndarray:
     # np.sort + a mask is several times faster than np.unique on int64 in numpy 2.x.
-    xs = np.sort(x)
+    return _dedupe_sorted(np.sort(x))
+
+
+def _dedupe_sorted(xs: np.ndarray) -> np.ndarray:
     if len(xs) > 1:
         keep = np.empty(len(xs), dtype=bool)
         keep[0] = True

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import pickle
 import random
+import struct
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qis_beam import synthesis
 from qis_beam.proto import state_pb2
 from qis_beam.synthesis import (
     MAX_TRACKED_APPROACHES,
@@ -577,3 +580,309 @@ def test_approach_cap_is_deterministic_under_any_merge_order():
     # decoding with a smaller cap keeps the same deterministic choice
     back = Synthesis.from_bytes(one.to_bytes(), max_approaches=2)
     assert back.tracked_approaches == sorted(expected[:2])
+
+
+# ------------------------------------------------------------------- fast paths = reference
+# The encoder and decoder write and read the wire format directly, sketches switch between
+# sets, tuples and arrays, and merges between Python sets and numpy: none of it may show.
+
+
+def reference_bytes(s: Synthesis) -> bytes:
+    """The state encoded through protobuf's own message classes (the original encoder)."""
+    st_ = state_pb2.SynthesisState(
+        encoding_version=1,
+        template_id=s.template_id or "",
+        n_packets=s.n_packets,
+        total_weight=s.total_weight,
+        mean_delta=s.mean_delta,
+        m2_delta=s.m2_delta,
+        success_sum=s.success_sum,
+        failure_sum=s.failure_sum,
+        outcome_counts=s.outcome_counts,
+        node_hashes=sorted(map(int, s._nodes))[: s.node_k],
+    )
+    if s.n_packets:
+        st_.first_event_ms = s.first_event_ms
+        st_.last_event_ms = s.last_event_ms
+    for aid in sorted(s._approaches):
+        a = s._approaches[aid]
+        st_.approaches.add(
+            approach_id=aid,
+            n_packets=a.n,
+            total_weight=a.tw,
+            weighted_delta_sum=a.wd,
+            success_sum=a.ss,
+            failure_sum=a.fs,
+            node_hashes=sorted(map(int, a.nodes))[: s.approach_node_k],
+        )
+    return st_.SerializeToString(deterministic=True)
+
+
+def protobuf_decoded(data, **caps) -> Synthesis:
+    """``from_bytes`` through protobuf's parser only (the fallback for non-canonical input)."""
+    return Synthesis(**caps)._decode_message(data)
+
+
+@contextlib.contextmanager
+def sketch_thresholds(tuple_max: int, set_merge_max: int):
+    """Force the small (tuple / set) or large (array / numpy) sketch paths."""
+    saved = synthesis._TUPLE_MAX, synthesis._SET_MERGE_MAX
+    synthesis._TUPLE_MAX, synthesis._SET_MERGE_MAX = tuple_max, set_merge_max
+    try:
+        yield
+    finally:
+        synthesis._TUPLE_MAX, synthesis._SET_MERGE_MAX = saved
+
+
+THRESHOLDS = [(0, 0), (64, 128), (10**9, 10**9), (2, 10**9), (10**9, 0)]
+
+
+def split_encode_merge(packets, cuts, modes, order_seed, **caps) -> Synthesis:
+    """Like ``split_fold_merge``, but every part also goes through to_bytes / from_bytes and
+    copies, as partials do in the pipeline."""
+    bounds = sorted({0, len(packets), *(c % (len(packets) + 1) for c in cuts)})
+    parts = []
+    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        folder = fold_columns if modes[i % len(modes)] else fold
+        part = folder(packets[lo:hi], Synthesis(**caps))
+        if i % 3 == 1:
+            part = Synthesis.from_bytes(part.to_bytes(), **caps)
+        parts.append(part)
+    rng = random.Random(order_seed)
+    while len(parts) > 1:
+        i, j = rng.sample(range(len(parts)), 2)
+        a = Synthesis(**caps).merge(parts[i]) if rng.random() < 0.5 else parts[i].copy()
+        merged = a.merge(parts[j])
+        parts = [p for k, p in enumerate(parts) if k not in (i, j)] + [merged]
+    return parts[0] if parts else Synthesis(**caps)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    packets=st.lists(
+        st.tuples(
+            st.integers(0, 300),
+            st.sampled_from(["a", "b", "c", "d", "e", "é", ""]),
+            st.integers(1, 4),
+            st.one_of(st.floats(-5, 5), st.just(-0.0)),
+            st.one_of(st.just(0.0), st.floats(0, 1)),
+            st.integers(-(10**13), 10**13),
+            st.sampled_from(["t1", "t2", ""]),
+        ),
+        max_size=250,
+    ),
+    cuts=st.lists(st.integers(0, 300), max_size=6),
+    modes=st.lists(st.booleans(), min_size=1, max_size=3),
+    order_seed=st.integers(0, 2**32),
+    caps=st.sampled_from(
+        [{}, {"node_k": 8, "approach_node_k": 4, "max_approaches": 3}, {"node_k": 100}]
+    ),
+)
+def test_small_and_large_sketch_paths_agree(packets, cuts, modes, order_seed, caps):
+    results = []
+    for thresholds in THRESHOLDS:
+        with sketch_thresholds(*thresholds):
+            merged = split_encode_merge(packets, cuts, modes, order_seed, **caps)
+            data = merged.to_bytes()
+            assert data == reference_bytes(merged)
+            assert Synthesis.from_bytes(data, **caps).to_bytes() == data
+            results.append((data, merged.extract(ALL)))
+    one = fold(packets, Synthesis(**caps))
+    for data, record in results:
+        # the same partials merged in the same order: identical up to representation
+        assert data == results[0][0]
+        assert record == results[0][1]
+        assert_close(record, one.extract(ALL))
+        assert state_of_bytes(data).node_hashes == state_of(one).node_hashes
+
+
+def state_of_bytes(data: bytes) -> state_pb2.SynthesisState:
+    return state_pb2.SynthesisState.FromString(data)
+
+
+uint64 = st.integers(0, 2**64 - 1)
+any_double = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -0.0, 5e-324, float("nan"), -float("inf")]),
+)
+small_or_big = st.one_of(st.integers(0, 200), uint64)
+sorted_hashes = st.lists(uint64, max_size=90, unique=True).map(sorted)
+approach_msg = st.builds(
+    state_pb2.ApproachState,
+    approach_id=st.text(max_size=140),
+    n_packets=small_or_big,
+    total_weight=any_double,
+    weighted_delta_sum=any_double,
+    success_sum=any_double,
+    failure_sum=any_double,
+    node_hashes=st.one_of(st.lists(uint64, max_size=18, unique=True).map(sorted), sorted_hashes),
+)
+
+
+@st.composite
+def canonical_states(draw) -> bytes:
+    """Encodings ``to_bytes`` would write: hashes sorted and distinct (at most the default K),
+    approaches unique and by id, five outcome counts, event times only with packets."""
+    n = draw(small_or_big)
+    approaches = {a.approach_id: a for a in draw(st.lists(approach_msg, max_size=8))}
+    msg = state_pb2.SynthesisState(
+        encoding_version=1,
+        template_id=draw(st.text(max_size=150)),
+        n_packets=n,
+        total_weight=draw(any_double),
+        mean_delta=draw(any_double),
+        m2_delta=draw(any_double),
+        success_sum=draw(any_double),
+        failure_sum=draw(any_double),
+        outcome_counts=draw(st.lists(small_or_big, min_size=5, max_size=5)),
+        node_hashes=draw(sorted_hashes),
+        approaches=[approaches[aid] for aid in sorted(approaches)],
+    )
+    if n:
+        msg.first_event_ms = draw(st.integers(-(2**63), 2**63 - 1))
+        msg.last_event_ms = draw(st.integers(-(2**63), 2**63 - 1))
+    return msg.SerializeToString(deterministic=True)
+
+
+def assert_same_state(a: Synthesis, b: Synthesis):
+    assert a.to_bytes() == b.to_bytes()
+    assert (a.n_packets, a.first_event_ms, a.last_event_ms, a.template_id) == (
+        b.n_packets,
+        b.first_event_ms,
+        b.last_event_ms,
+        b.template_id,
+    )
+    assert a.tracked_approaches == b.tracked_approaches
+    assert a.n_nodes == b.n_nodes
+    assert repr(a.extract(ALL)) == repr(b.extract(ALL))  # repr: nan-safe
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=canonical_states(), thresholds=st.sampled_from(THRESHOLDS))
+def test_canonical_encodings_round_trip_byte_for_byte(data, thresholds):
+    with sketch_thresholds(*thresholds):
+        s = Synthesis.from_bytes(data)
+        assert s.to_bytes() == data
+        assert reference_bytes(s) == data
+        assert_same_state(s, protobuf_decoded(data))
+        assert s.copy().to_bytes() == data
+        # (merging is not an identity for every encodable state: zero weight drops M2)
+        assert_same_state(Synthesis().merge(s), Synthesis().merge(protobuf_decoded(data)))
+        assert pickle.loads(pickle.dumps(s)).to_bytes() == data
+
+
+def mutations(data: bytes, rng: random.Random) -> list[bytes]:
+    out = [data[:i] for i in range(0, len(data), max(1, len(data) // 20))]
+    for _ in range(30):
+        b = bytearray(data)
+        for _ in range(rng.randint(1, 3)):
+            if b:
+                b[rng.randrange(len(b))] = rng.choice([0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)])
+        out.append(bytes(b))
+    return out
+
+
+def test_edge_values_encode_like_protobuf():
+    s = fold([(i, f"ap{i % 3}", 1 + i % 4, i / 3, (i % 5) / 4, 1000 + i, "t") for i in range(60)])
+    s.add(nid(1), "x" * 300, RESOLVED, 1.0, 1.0, 5, "t")  # a record longer than 127 bytes
+    s.add(nid(2), "", OPEN, -0.0, 0.0, 6, "t")  # the empty id is not written
+    for i in range(200):  # 16+ hashes: the general record layout
+        s.add_hashed(node_hash(nid(1000 + i)), "ap1", OPEN, 0.0, 0.0, 7, "t")
+    s.total_weight = -0.0  # written (only +0.0 is the default)
+    s.mean_delta = float("nan")
+    s.m2_delta = float("inf")
+    s.success_sum = 0.0
+    s.failure_sum = 5e-324
+    s.outcome_counts = [0, 2**64 - 1, 128, 0, 1]
+    s.first_event_ms = np.int64(-(2**63))  # numpy integers are accepted, as protobuf did
+    s.last_event_ms = 0
+    s.template_id = "é" * 200
+    a = s._approaches["ap0"]
+    a.n, a.tw, a.wd, a.ss, a.fs = 2**40, -0.0, 0.0, float("nan"), 0.0
+    data = s.to_bytes()
+    assert data == reference_bytes(s)
+    back = Synthesis.from_bytes(data)
+    assert back.to_bytes() == data
+    assert_same_state(back, protobuf_decoded(data))
+    s.first_event_ms = 2**63
+    with pytest.raises(ValueError):
+        s.to_bytes()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    packets=st.lists(packet_st, max_size=60),
+    extra=st.lists(packet_st, max_size=10),
+    use_columns=st.booleans(),
+    thresholds=st.sampled_from(THRESHOLDS),
+)
+def test_copies_and_merged_parts_are_independent(packets, extra, use_columns, thresholds):
+    with sketch_thresholds(*thresholds):
+        s = (fold_columns if use_columns else fold)(packets)
+        s = s if len(packets) % 2 else Synthesis.from_bytes(s.to_bytes())
+        before = s.to_bytes()
+        c = s.copy()
+        m = Synthesis().merge(s)
+        for t in (c, m):
+            fold(extra, t)
+            t.merge(fold(extra))
+        assert s.to_bytes() == before
+        assert c.to_bytes() == m.to_bytes()
+        assert_close(c.extract(ALL), fold(extra + extra, fold(packets)).extract(ALL))
+
+
+def test_pickle_is_the_versioned_encoding():
+    s = fold([(1, "a", RESOLVED, 1.0, 1.0, 1, "t")])
+    fn, args = s.__reduce__()
+    assert args == (s.to_bytes(),)
+    capped = fold([(1, "a", RESOLVED, 1.0, 1.0, 1, "t")], Synthesis(node_k=16, max_approaches=2))
+    back = pickle.loads(pickle.dumps(capped))
+    assert (back.node_k, back.approach_node_k, back.max_approaches) == (16, 1024, 2)
+    assert back.to_bytes() == capped.to_bytes()
+    # pickles from before (Synthesis.from_bytes as the reducer) still load
+    assert pickle.loads(pickle.dumps(OldPickle(s))).to_bytes() == s.to_bytes()
+
+
+class OldPickle:
+    def __init__(self, s: Synthesis):
+        self.s = s
+
+    def __reduce__(self):
+        return (Synthesis.from_bytes, (self.s.to_bytes(), 4096, 1024, 256))
+
+
+def reference_rank_round(x: float) -> float:
+    if x == 0.0 or not math.isfinite(x):
+        return x
+    return round(x, 11 - math.floor(math.log10(abs(x))))
+
+
+def test_rank_round_is_the_correctly_rounded_12_digits():
+    rng = random.Random(7)
+    xs = [
+        0.1,
+        0.5,
+        1.0,
+        1 / 3,
+        2 / 3,
+        1e-300,
+        5e-324,
+        2.2250738585072014e-308,
+        1.7976931348623157e308,
+    ]
+    for j in range(-323, 309):
+        p = float(f"1e{j}")
+        xs += [p, math.nextafter(p, 0.0), math.nextafter(p, math.inf), p * (1 - 1e-13)]
+        xs += [p * (1 + 1e-13), p * 9.9999999999995, p * 1.00000000000005]
+    xs += [rng.uniform(-1, 1) * 10 ** rng.randint(-320, 307) for _ in range(20000)]
+    xs += [(1 + rng.random() * 40) / (2 + rng.random() * 80) for _ in range(5000)]
+    xs += [struct.unpack("<d", rng.randbytes(8))[0] for _ in range(20000)]
+    for x in xs:
+        for v in (x, -x):
+            if math.isnan(v):
+                assert math.isnan(synthesis._rank_round(v))
+                continue
+            got, want = synthesis._rank_round(v), reference_rank_round(v)
+            assert got == want and math.copysign(1, got) == math.copysign(1, want), v
+    assert synthesis._rank_round(math.inf) == math.inf
+    assert math.isnan(synthesis._rank_round(math.nan))
