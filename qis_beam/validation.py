@@ -11,12 +11,21 @@ import dataclasses
 import math
 import re
 import time
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
 
 from qis_beam.proto import packet_pb2
-from qis_beam.signing import NODE_ID_BYTES, PUBLIC_KEY_BYTES, SIGNATURE_BYTES, node_id_for, verify
+from qis_beam.signing import (
+    NODE_ID_BYTES,
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES,
+    Signed,
+    node_id_for,
+    verify,
+    verify_many,
+)
 
 # Ingestion reasons, in check order (spec section 4).
 INGEST_REASONS = (
@@ -137,9 +146,16 @@ def _invalid_field(packet: packet_pb2.OutcomePacket, skew_ms: int) -> str | None
 
 
 def validate(
-    record: bytes, policy: ValidationPolicy, now_ms: int | None = None
+    record: bytes,
+    policy: ValidationPolicy,
+    now_ms: int | None = None,
+    verify_signature: Callable[[bytes, bytes, bytes], bool] = verify,
 ) -> Accepted | Rejection:
-    """The parsed packet and its payload when ``record`` is valid, else the first failing check."""
+    """The parsed packet and its payload when ``record`` is valid, else the first failing check.
+
+    ``verify_signature(public_key, signature, payload)`` is called only for well-formed key
+    and signature sizes (see :func:`validate_batch` for why it is a parameter).
+    """
     if len(record) > policy.max_packet_bytes:
         return Rejection(
             "oversize", f"envelope is {len(record)} bytes, limit {policy.max_packet_bytes}"
@@ -162,14 +178,9 @@ def validate(
     elif (
         len(signature) != SIGNATURE_BYTES
         or len(public_key) != PUBLIC_KEY_BYTES
-        or not verify(public_key, signature, payload)
+        or not verify_signature(public_key, signature, payload)
     ):
-        return Rejection(
-            "bad_signature",
-            f"Ed25519 signature ({len(signature)} bytes) does not verify with the "
-            f"{len(public_key)}-byte public key",
-            packet_id,
-        )
+        return _bad_signature(len(signature), len(public_key), packet_id)
     if packet.schema_version != 1:
         return Rejection(
             "unsupported_version", f"schema_version {packet.schema_version}, expected 1", packet_id
@@ -193,3 +204,47 @@ def validate(
             packet_id,
         )
     return Accepted(packet, payload)
+
+
+def _bad_signature(signature_bytes: int, public_key_bytes: int, packet_id: bytes | None):
+    return Rejection(
+        "bad_signature",
+        f"Ed25519 signature ({signature_bytes} bytes) does not verify with the "
+        f"{public_key_bytes}-byte public key",
+        packet_id,
+    )
+
+
+def validate_batch(
+    records: Sequence[bytes],
+    policy: ValidationPolicy,
+    now_ms: int,
+    verify_all: Callable[[list[Signed]], list[bool]] = verify_many,
+) -> list[Accepted | Rejection]:
+    """:func:`validate` for each record, with all signatures verified in one call of
+    ``verify_all`` (a :class:`~qis_beam.signing.ThreadedVerifier` spreads them over threads).
+
+    The other checks run first, as if every signature verified; a signature that then fails
+    turns the verdict into ``bad_signature``, which comes before every later check, so the
+    verdicts are exactly those of :func:`validate`.
+    """
+    pending: list[Signed] = []
+    pending_at: list[int] = []
+
+    def defer(public_key: bytes, signature: bytes, payload: bytes) -> bool:
+        pending.append((public_key, signature, payload))
+        return True
+
+    verdicts: list[Accepted | Rejection] = []
+    for record in records:
+        waiting = len(pending)
+        verdicts.append(validate(record, policy, now_ms, defer))
+        if len(pending) != waiting:
+            pending_at.append(len(verdicts) - 1)
+    for at, ok in zip(pending_at, verify_all(pending), strict=True):
+        if not ok:
+            verdict = verdicts[at]
+            packet = verdict.packet if type(verdict) is Accepted else None
+            packet_id = packet.packet_id if packet is not None else verdict.packet_id
+            verdicts[at] = _bad_signature(SIGNATURE_BYTES, PUBLIC_KEY_BYTES, packet_id or None)
+    return verdicts

@@ -11,12 +11,14 @@ from hypothesis import strategies as st
 
 from qis_beam.emitter import seal
 from qis_beam.proto import packet_pb2
+from qis_beam.signing import ThreadedVerifier
 from qis_beam.validation import (
     INGEST_REASONS,
     Accepted,
     Rejection,
     ValidationPolicy,
     validate,
+    validate_batch,
 )
 
 NOW = T0_MS + 10_000
@@ -213,3 +215,32 @@ def test_mutations_of_valid_records_never_raise(mutations):
     _check_verdict(verdict)
     policy_unsigned = ValidationPolicy(now_ms=NOW, allow_unsigned=True)
     _check_verdict(validate(bytes(data), policy_unsigned))
+
+
+def _mixed_batch() -> list[bytes]:
+    """Valid, forged, unsigned, truncated and out-of-range records, interleaved."""
+    good = make_record()
+    forged = bytearray(good)
+    forged[-40] ^= 0x01  # inside the signature or key: verification must fail
+    key = node_key(2)
+    unsigned = seal(None, make_packet(key), public_key=key.public_key)
+    future = make_record(event_time_ms=NOW + 3_600_000, emit_time_ms=NOW + 3_600_000)
+    other_node = make_record(node_key(3))
+    return [good, bytes(forged), unsigned, good[:-3], future, b"\xff", other_node] * 60
+
+
+@pytest.mark.parametrize("allow_unsigned", [False, True])
+def test_batch_validation_gives_the_per_record_verdicts(allow_unsigned):
+    policy = ValidationPolicy(now_ms=NOW, allow_unsigned=allow_unsigned)
+    records = _mixed_batch()
+    expected = [validate(record, policy) for record in records]
+    assert {type(v) for v in expected} == {Accepted, Rejection}
+    verifier = ThreadedVerifier(threads=3)
+    verifier.MIN_PER_THREAD = 4  # force the thread pool on this small batch
+    try:
+        assert validate_batch(records, policy, NOW, verifier) == expected
+        assert validate_batch(records, policy, NOW) == expected
+    finally:
+        verifier.close()
+    reasons = {v.reason for v in expected if isinstance(v, Rejection)}
+    assert {"bad_signature", "undecodable", "future_event_time"} <= reasons

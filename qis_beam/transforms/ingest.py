@@ -1,6 +1,7 @@
 """Ingestion of spec section 4 in batch: validate, dead-letter, deduplicate (batch rule).
 
-Validation runs per record batch (no per-record Beam overhead). Deduplication needs every
+Validation runs per record batch (no per-record Beam overhead), with the batch's signatures
+verified on a thread pool (libsodium releases the GIL). Deduplication needs every
 copy of a packet_id in one place, so valid packets are shuffled by packet_id into
 ``dedupe_shards`` groups (lists, not single records, cross the shuffle); each group keeps,
 per packet_id, the lexicographically smallest payload: identical extra copies are counted
@@ -22,8 +23,9 @@ from apache_beam.pvalue import TaggedOutput
 
 from qis_beam.dedupe import dedupe
 from qis_beam.proto import packet_pb2
+from qis_beam.signing import ThreadedVerifier
 from qis_beam.transforms.deadletters import DEAD_LETTERS, counter, dead_letter
-from qis_beam.validation import DUPLICATE_REASON, Rejection, ValidationPolicy, validate
+from qis_beam.validation import DUPLICATE_REASON, Rejection, ValidationPolicy, validate_batch
 
 # (source, [(packet_id, record), ...]) for one dedupe shard of one read batch
 ShardSlice = tuple[str, list[tuple[bytes, bytes]]]
@@ -40,12 +42,18 @@ class _ValidateBatchFn(beam.DoFn):
         self._policy = policy
         self._shards = shards
 
+    def setup(self) -> None:
+        self._verifier = ThreadedVerifier()
+
+    def teardown(self) -> None:
+        self._verifier.close()
+
     def process(self, batch: tuple[str, list[bytes]]) -> Iterator:
         source, records = batch
         policy, shards, now_ms = self._policy, self._shards, self._policy.clock_ms()
         by_shard: list[list[tuple[bytes, bytes]]] = [[] for _ in range(shards)]
-        for record in records:
-            verdict = validate(record, policy, now_ms)
+        verdicts = validate_batch(records, policy, now_ms, self._verifier)
+        for record, verdict in zip(records, verdicts, strict=True):
             if isinstance(verdict, Rejection):
                 yield TaggedOutput(
                     DEAD_LETTERS,
