@@ -39,6 +39,9 @@ def memoise_qis_dofn_specs() -> None:
         state_specs, timer_specs = get_dofn_specs(dofn)
         return bool(state_specs or timer_specs)
 
-    transform_evaluator.get_dofn_specs = get_dofn_specs
-    transform_evaluator.is_stateful_dofn = is_stateful_dofn
+    # The evaluator imported the names; the runner's DoFnSignature and the state context call
+    # them through the userstate module (and so do its own validators): patch both places.
+    for module in (transform_evaluator, userstate):
+        module.get_dofn_specs = get_dofn_specs
+        module.is_stateful_dofn = is_stateful_dofn
     _installed = True
