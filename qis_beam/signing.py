@@ -89,6 +89,12 @@ def verify_many(items: Sequence[Signed]) -> list[bool]:
     return [verify(public_key, signature, payload) for public_key, signature, payload in items]
 
 
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class ThreadedVerifier:
     """:func:`verify_many` spread over a thread pool.
 
@@ -100,8 +106,10 @@ class ThreadedVerifier:
 
     MIN_PER_THREAD = 256
 
+    MAX_DEFAULT_THREADS = 8  # Dataflow runs one SDK process per core: don't square the count
+
     def __init__(self, threads: int | None = None):
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or min(_usable_cores(), self.MAX_DEFAULT_THREADS)
         self._pool = (
             ThreadPoolExecutor(self.threads, thread_name_prefix="qis-verify")
             if self.threads > 1
