@@ -105,7 +105,6 @@ class ThreadedVerifier:
     """
 
     MIN_PER_THREAD = 256
-
     MAX_DEFAULT_THREADS = 8  # Dataflow runs one SDK process per core: don't square the count
 
     def __init__(self, threads: int | None = None):

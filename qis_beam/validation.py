@@ -243,8 +243,7 @@ def validate_batch(
             pending_at.append(len(verdicts) - 1)
     for at, ok in zip(pending_at, verify_all(pending), strict=True):
         if not ok:
-            verdict = verdicts[at]
-            packet = verdict.packet if type(verdict) is Accepted else None
-            packet_id = packet.packet_id if packet is not None else verdict.packet_id
+            verdict = verdicts[at]  # a later check's verdict: its packet_id is the packet's
+            packet_id = verdict.packet.packet_id if type(verdict) is Accepted else verdict.packet_id
             verdicts[at] = _bad_signature(SIGNATURE_BYTES, PUBLIC_KEY_BYTES, packet_id or None)
     return verdicts

@@ -583,12 +583,12 @@ def test_approach_cap_is_deterministic_under_any_merge_order():
 
 
 # ------------------------------------------------------------------- fast paths = reference
-# The encoder and decoder write and read the wire format directly, sketches switch between
-# sets, tuples and arrays, and merges between Python sets and numpy: none of it may show.
+# Sketches switch between sets, tuples and arrays, and merges between Python sets and numpy;
+# decoding keeps canonical sketches as they are: none of it may show in a result or encoding.
 
 
 def reference_bytes(s: Synthesis) -> bytes:
-    """The state encoded through protobuf's own message classes (the original encoder)."""
+    """The state encoded from first principles: every sketch's K smallest hashes, sorted."""
     st_ = state_pb2.SynthesisState(
         encoding_version=1,
         template_id=s.template_id or "",
