@@ -249,6 +249,20 @@ def _settings(args: argparse.Namespace, fixed_clock: bool = True):
     )
 
 
+# Beam options that take a value but are written as switches (Beam's own parser would
+# reject ``--dry_run --project P``: "expected one argument").
+_SWITCH_LIKE_OPTIONS = ("--dry_run",)
+
+
+def _switches_as_values(beam_args: Sequence[str]) -> list[str]:
+    args = list(beam_args)
+    for i, arg in enumerate(args):
+        at_end_or_option = i + 1 == len(args) or args[i + 1].startswith("-")
+        if arg in _SWITCH_LIKE_OPTIONS and at_end_or_option:
+            args[i] = f"{arg}=True"
+    return args
+
+
 def _beam_args(args: argparse.Namespace, beam_args: Sequence[str], streaming: bool) -> list[str]:
     """Apply ``--profile`` (explicit Beam options win) and reject anything not a Beam option."""
     from qis_beam.runners.profiles import (
@@ -258,7 +272,7 @@ def _beam_args(args: argparse.Namespace, beam_args: Sequence[str], streaming: bo
         unrecognized_args,
     )
 
-    merged = list(beam_args)
+    merged = _switches_as_values(beam_args)
     profile = getattr(args, "profile", None)
     try:
         if profile:
@@ -273,7 +287,41 @@ def _beam_args(args: argparse.Namespace, beam_args: Sequence[str], streaming: bo
         if missing:
             flags = ", ".join(f"--{m}" for m in missing)
             raise UsageError(f"--profile {profile} needs {flags}")
+    _check_dataflow_options(merged)
     return merged
+
+
+def _check_dataflow_options(beam_args: list[str]) -> None:
+    """Beam's offline checks of a Dataflow job's cloud options, run up front: a bad project or
+    bucket is one line and exit 2, not a traceback once the pipeline is built. A dry run
+    with no valid bucket is refused: Beam would try to create a default bucket online."""
+    from apache_beam.options.pipeline_options import (
+        GoogleCloudOptions,
+        PipelineOptions,
+        StandardOptions,
+        TestOptions,
+    )
+    from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
+    from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
+
+    options = PipelineOptions(beam_args)
+    if (options.view_as(StandardOptions).runner or "").lower() not in (
+        "dataflowrunner",
+        "dataflow",
+    ):
+        return
+    cloud = options.view_as(GoogleCloudOptions)
+    validator = PipelineOptionsValidator(options, DataflowRunner())
+    errors = list(validator.validate_cloud_options(cloud))
+    if options.view_as(TestOptions).dry_run:
+        location_errors = [
+            validator.validate_gcs_path(cloud, name)
+            for name in ("temp_location", "staging_location")
+        ]
+        if all(location_errors):
+            errors.append(f"{location_errors[0][0]} (a dry run cannot create a default bucket)")
+    if errors:
+        raise UsageError("; ".join(" ".join(error.split()) for error in errors))
 
 
 def _match_input(pattern: str) -> list[str]:
@@ -286,6 +334,13 @@ def _match_input(pattern: str) -> list[str]:
     if not matched:
         raise UsageError(f"--input {pattern}: no files match")
     return sorted(m.path for m in matched)
+
+
+def _print_dry_run(summary: dict) -> None:
+    print(
+        f"dry run: {summary['runner']} translated the job ({summary['job_type']}, "
+        f"{summary['transforms']} transforms); nothing was submitted, read or written"
+    )
 
 
 def _print_outputs(summary: dict) -> None:
@@ -353,7 +408,10 @@ def cmd_backfill(args, beam_args) -> int:
         args.output,
         options,
     )
-    _print_outputs(summary)
+    if summary.get("dry_run"):
+        _print_dry_run(summary)
+    else:
+        _print_outputs(summary)
     return 0
 
 
@@ -377,7 +435,7 @@ def cmd_replay(args, beam_args) -> int:
 
 
 def cmd_run(args, beam_args) -> int:
-    from qis_beam.jobs import pipeline_options
+    from qis_beam.jobs import is_dry_run, pipeline_options, translate_only
     from qis_beam.pipelines.run import SourceSettings, build_run
 
     beam_args = _beam_args(args, beam_args, streaming=True)
@@ -385,6 +443,8 @@ def cmd_run(args, beam_args) -> int:
         raise UsageError("--source kafka needs --input-topic and --bootstrap-servers")
     if args.source == "pubsub" and not (args.input_topic or args.input_subscription):
         raise UsageError("--source pubsub needs --input-topic or --input-subscription")
+    if args.source == "pubsub":
+        _check_pubsub_names(args.input_topic, args.input_subscription)
     source = SourceSettings(
         kind=args.source,
         topic=args.input_topic,
@@ -399,13 +459,32 @@ def cmd_run(args, beam_args) -> int:
     import apache_beam as beam
 
     options = pipeline_options(beam_args, default_runner="DirectRunner", streaming=True)
+    job = (source, args.output, settings, args.bigquery_table)
+    if is_dry_run(options):
+        _print_dry_run(translate_only(lambda p: build_run(p, *job), options))
+        return 0
     pipeline = beam.Pipeline(options=options)
-    build_run(pipeline, source, args.output, settings, args.bigquery_table)
+    build_run(pipeline, *job)
     result = pipeline.run()
     print(f"submitted the streaming job; state {result.state}; outputs under {args.output}")
     if args.wait:
         result.wait_until_finish()
     return 0
+
+
+def _check_pubsub_names(topic: str | None, subscription: str | None) -> None:
+    """Beam's own Pub/Sub name rules, checked before the pipeline is built."""
+    from apache_beam.io.gcp.pubsub import parse_subscription, parse_topic
+
+    for flag, name, parse in (
+        ("--input-topic", topic, parse_topic),
+        ("--input-subscription", subscription, parse_subscription),
+    ):
+        if name:
+            try:
+                parse(name)
+            except ValueError as error:
+                raise UsageError(f"{flag} {name}: {error}") from None
 
 
 def _query_address(args) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
 from qis_beam.replay import ReplayPlan, plan_replay
 from qis_beam.settings import Settings
@@ -60,13 +60,36 @@ def load_store(output_dir: str) -> tuple[str, list[dict[str, Any]]]:
     return target, records
 
 
+def is_dry_run(options: PipelineOptions) -> bool:
+    """``DataflowRunner --dry_run``: the job is translated, nothing is submitted or written.
+    (Beam's other runners ignore ``--dry_run``.)"""
+    runner = (options.view_as(StandardOptions).runner or "").lower()
+    return bool(options.view_as(TestOptions).dry_run) and runner in ("dataflowrunner", "dataflow")
+
+
+def translate_only(build: Callable[[beam.Pipeline], Any], options: PipelineOptions) -> dict:
+    """A dry run: build and translate the job; touches no output, store or summary."""
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline)
+    job = pipeline.run().job
+    return {
+        "dry_run": True,
+        "runner": options.view_as(StandardOptions).runner,
+        "job_type": job.proto.type.name,
+        "transforms": len(pipeline.to_runner_api().components.transforms),
+    }
+
+
 def run_job(
     build: Callable[[beam.Pipeline], Any],
     output_dir: str,
     options: PipelineOptions,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build and run a bounded pipeline to completion; returns summary.json's content."""
+    """Build and run a bounded pipeline to completion; returns summary.json's content
+    (or, for a dry run, what :func:`translate_only` returns)."""
+    if is_dry_run(options):
+        return translate_only(build, options)
     if not FileSystems.exists(output_dir):
         FileSystems.mkdirs(output_dir)
     remove_previous_outputs(output_dir)

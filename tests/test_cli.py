@@ -211,3 +211,59 @@ def test_replay_agrees_with_backfill_when_nothing_is_too_late(tmp_path, capsys):
     assert {"EARLY", "ON_TIME"} <= timings
     summary = json.loads((tmp_path / "stream" / "summary.json").read_text())
     assert summary["balanced"] and summary["runner"] == "BundleBasedDirectRunner"
+
+
+# --- Dataflow dry runs through the CLI (offline: nothing is submitted, read or written) -------
+
+DATAFLOW_DRY_RUN = [
+    "--runner",
+    "DataflowRunner",
+    "--dry_run",  # Beam's option takes a value; the CLI accepts it as a switch too
+    "--project",
+    "qis-dry-run",
+    "--region",
+    "us-central1",
+    "--temp_location",
+    "gs://qis-dry-run/tmp",
+]
+
+
+def test_backfill_dry_run_on_dataflow_translates_and_writes_nothing(swarm, tmp_path, capsys):
+    output = tmp_path / "out"
+    pattern = str(swarm / "packets-*.tfrecord")
+    args = ["backfill", "--input", pattern, "--output", str(output), *DATAFLOW_DRY_RUN]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "dry run: DataflowRunner translated the job (JOB_TYPE_BATCH" in out
+    assert not output.exists()
+
+
+def test_run_dry_run_on_dataflow_translates_the_streaming_job(capsys):
+    topic = "projects/qis-dry-run/topics/qis-packets"
+    args = ["run", "--input-topic", topic, "--output", "gs://qis-dry-run/out", *DATAFLOW_DRY_RUN]
+    assert main(args) == 0
+    assert "translated the job (JOB_TYPE_STREAMING" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("--project", "P"), "Invalid Project ID (P)"),
+        (("--temp_location", "gs://B/tmp"), "Invalid GCS bucket (gs://B/tmp)"),
+        (("--input-topic", "projects/P/topics/T"), "Invalid PubSub project name"),
+    ],
+)
+def test_bad_cloud_names_are_one_line_and_exit_2(change, message, capsys):
+    args = [
+        "run",
+        "--input-topic",
+        "projects/qis-dry-run/topics/t",
+        "--output",
+        "gs://qis-dry-run/o",
+    ]
+    args += DATAFLOW_DRY_RUN
+    flag, value = change
+    args[args.index(flag) + 1] = value
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("qis-beam run: ")
