@@ -295,25 +295,19 @@ def _check_dataflow_options(beam_args: list[str]) -> None:
     """Beam's offline checks of a Dataflow job's cloud options, run up front: a bad project or
     bucket is one line and exit 2, not a traceback once the pipeline is built. A dry run
     with no valid bucket is refused: Beam would try to create a default bucket online."""
-    from apache_beam.options.pipeline_options import (
-        GoogleCloudOptions,
-        PipelineOptions,
-        StandardOptions,
-        TestOptions,
-    )
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
     from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
     from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
 
+    from qis_beam.jobs import is_dataflow, is_dry_run
+
     options = PipelineOptions(beam_args)
-    if (options.view_as(StandardOptions).runner or "").lower() not in (
-        "dataflowrunner",
-        "dataflow",
-    ):
+    if not is_dataflow(options):
         return
     cloud = options.view_as(GoogleCloudOptions)
     validator = PipelineOptionsValidator(options, DataflowRunner())
     errors = list(validator.validate_cloud_options(cloud))
-    if options.view_as(TestOptions).dry_run:
+    if is_dry_run(options):
         location_errors = [
             validator.validate_gcs_path(cloud, name)
             for name in ("temp_location", "staging_location")

@@ -60,11 +60,14 @@ def load_store(output_dir: str) -> tuple[str, list[dict[str, Any]]]:
     return target, records
 
 
+def is_dataflow(options: PipelineOptions) -> bool:
+    return (options.view_as(StandardOptions).runner or "").lower() in ("dataflowrunner", "dataflow")
+
+
 def is_dry_run(options: PipelineOptions) -> bool:
     """``DataflowRunner --dry_run``: the job is translated, nothing is submitted or written.
     (Beam's other runners ignore ``--dry_run``.)"""
-    runner = (options.view_as(StandardOptions).runner or "").lower()
-    return bool(options.view_as(TestOptions).dry_run) and runner in ("dataflowrunner", "dataflow")
+    return bool(options.view_as(TestOptions).dry_run) and is_dataflow(options)
 
 
 def translate_only(build: Callable[[beam.Pipeline], Any], options: PipelineOptions) -> dict:
