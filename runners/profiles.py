@@ -16,7 +16,18 @@ flink     FlinkRunner on the compose cluster, uber jar,   + ``--streaming``, che
           EXTERNAL worker pool ``localhost:50000``        retained on cancel, max_parallelism 128
 dataflow  DataflowRunner, Runner v2, throughput           + ``--streaming``
           autoscaling, ``--setup_file``                   ``--enable_streaming_engine``
+local-    FlinkRunner on ``qis-beam stack``'s Flink       + ``--streaming``, checkpoints every
+flink     (REST port from the stack's state file),        10 s, retained on cancel,
+          LOOPBACK, Java 17 ``--add-opens`` job server    max_parallelism 128
+local-    PortableRunner to ``qis-beam stack``'s Prism    + ``--streaming``
+prism     job endpoint, LOOPBACK
 ========  ==============================================  =======================================
+
+The ``local-*`` profiles read the running stack (``$QIS_STACK_DIR`` or
+``~/.local/state/qis-beam/stack``) each time they are resolved; with no stack running they
+leave the endpoint out and :func:`missing_options` asks for it. ``local-flink`` takes the Beam
+Flink job-server jar from ``$QIS_FLINK_JOB_SERVER_JAR`` (Maven Central does not serve it
+here, see ``qis_beam/stack/pins.toml``) or from an explicit ``--flink_job_server_jar``.
 
 What a profile never contains: values only the user knows (``--project``,
 ``--temp_location``, buckets, topics, ``--job_name``). :data:`REQUIRED_OPTIONS` lists them and
@@ -32,6 +43,7 @@ them and nothing else unknown.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -106,6 +118,33 @@ PROFILES: dict[str, dict[str, object]] = {
     },
 }
 
+# On Java 17 the Flink job server needs these (Beam's own flink_runner_test.py passes them).
+_JAVA17_JOB_SERVER_OPENS = [
+    "--add-opens=java.base/java.lang=ALL-UNNAMED",
+    "--add-opens=java.base/java.nio=ALL-UNNAMED",
+    "--add-opens=java.base/java.util=ALL-UNNAMED",
+]
+
+PROFILES["local-flink"] = {
+    # `qis-beam stack up --only flink`: a session cluster on 127.0.0.1 (1 TaskManager, 2 slots).
+    # The job server runs beside the submitter and talks to the cluster's REST port; no uber
+    # jar is needed because job server, task manager and artifacts share one machine.
+    "runner": "FlinkRunner",
+    "flink_version": FLINK_VERSION,
+    "parallelism": 2,
+    # The SDK harness runs in the submitting process: no Docker, no worker pool.
+    "environment_type": "LOOPBACK",
+    "job_server_jvm_properties": _JAVA17_JOB_SERVER_OPENS,
+}
+PROFILES["local-prism"] = {
+    # `qis-beam stack up --only prism`: Beam's Go runner as a long-lived job service.
+    "runner": "PortableRunner",
+    "environment_type": "LOOPBACK",
+    # Prism may split a stateful bundle while it runs, so one key runs in two bundles at once
+    # and a state write is lost (apache/beam#35771): never split.
+    "experiments": ["prism_disable_sdf_split"],
+}
+
 #: Profile names in display order (for argparse ``choices``).
 PROFILE_NAMES: tuple[str, ...] = tuple(PROFILES)
 
@@ -116,6 +155,7 @@ BATCH_OPTIONS: dict[str, dict[str, object]] = {
         # branches rejoin (FLINK-10672), as the dead-letter Flatten does.
         "execution_mode_for_batch": "BATCH_FORCED",
     },
+    "local-flink": {"execution_mode_for_batch": "BATCH_FORCED"},
 }
 
 #: Extra options for streaming pipelines (``replay``, ``run``); they override PROFILES.
@@ -139,6 +179,17 @@ STREAMING_OPTIONS: dict[str, dict[str, object]] = {
         "streaming": True,
         "enable_streaming_engine": True,
     },
+    "local-flink": {
+        "streaming": True,
+        "max_parallelism": 128,
+        # Short interval: the local recovery test restores from a checkpoint seconds old.
+        "checkpointing_interval": 10_000,
+        "externalized_checkpoints_enabled": True,
+        "retain_externalized_checkpoints_on_cancellation": True,
+    },
+    "local-prism": {
+        "streaming": True,
+    },
 }
 
 #: Profiles that cannot run the streaming pipeline at all.
@@ -155,6 +206,9 @@ REQUIRED_OPTIONS: dict[str, tuple[str, ...]] = {
     "portable": (),
     "flink": (),
     "dataflow": ("project", "temp_location"),
+    # Filled in from the running stack and $QIS_FLINK_JOB_SERVER_JAR when they exist.
+    "local-flink": ("flink_master", "flink_job_server_jar"),
+    "local-prism": ("job_endpoint",),
 }
 
 #: Flink runner options defined by the Java ``FlinkPipelineOptions`` of Beam, in the spelling
@@ -213,7 +267,35 @@ def profile_options(name: str, streaming: bool) -> dict[str, object]:
     if streaming and name in BOUNDED_ONLY:
         raise ValueError(f"profile {name!r} cannot run a streaming pipeline: {BOUNDED_ONLY[name]}")
     extra = STREAMING_OPTIONS if streaming else BATCH_OPTIONS
-    return {**PROFILES[name], **extra.get(name, {})}
+    return {**PROFILES[name], **extra.get(name, {}), **_local_stack_options(name)}
+
+
+def _stack_endpoint(piece: str, key: str) -> str | None:
+    """An endpoint of the user's running ``qis-beam stack`` (None when not running)."""
+    from qis_beam.stack.control import endpoint
+    from qis_beam.stack.paths import default_state_dir
+
+    try:
+        return endpoint(default_state_dir(), piece, key)
+    except (OSError, ValueError, KeyError):  # an unreadable state file is no stack
+        return None
+
+
+def _local_stack_options(name: str) -> dict[str, object]:
+    """Options the ``local-*`` profiles read from the machine when they are resolved."""
+    options: dict[str, object] = {}
+    if name == "local-flink":
+        master = _stack_endpoint("flink", "flink_master")
+        if master:
+            options["flink_master"] = master
+        jar = os.environ.get("QIS_FLINK_JOB_SERVER_JAR")
+        if jar:
+            options["flink_job_server_jar"] = jar
+    elif name == "local-prism":
+        job_endpoint = _stack_endpoint("prism", "job_endpoint")
+        if job_endpoint:
+            options["job_endpoint"] = job_endpoint
+    return options
 
 
 def _format(options: Mapping[str, object]) -> list[str]:

@@ -101,7 +101,9 @@ def flag_value(args: list[str], name: str) -> str | None:
 
 
 def test_profile_names_and_pinned_versions():
-    assert PROFILE_NAMES == ("direct", "portable", "flink", "dataflow")
+    assert PROFILE_NAMES == (
+        "direct", "portable", "flink", "dataflow", "local-flink", "local-prism"
+    )
     assert BEAM_VERSION == beam.__version__
     assert FLINK_VERSION in FlinkRunnerOptions.PUBLISHED_FLINK_VERSIONS
     assert PYTHON_VERSION.count(".") == 1
@@ -112,7 +114,11 @@ def test_every_flag_is_a_beam_option_or_a_flink_runner_option(name, streaming):
     args = profile_args(name, streaming)
     assert args, "a profile names at least its runner"
     assert all(arg.startswith("--") and " " not in arg for arg in args)
-    assert len({flag_name(a) for a in args}) == len(args)
+    # No flag twice, except list options (local-flink's three --job_server_jvm_properties).
+    assert len(set(args)) == len(args)
+    assert len({flag_name(a) for a in args}) == len(args) - sum(
+        1 for a in args if flag_name(a) == "job_server_jvm_properties"
+    ) + any(flag_name(a) == "job_server_jvm_properties" for a in args)
 
     python_side = [a for a in args if flag_name(a) not in FLINK_RUNNER_OPTIONS]
     runner_side = [a for a in args if flag_name(a) in FLINK_RUNNER_OPTIONS]
@@ -121,7 +127,7 @@ def test_every_flag_is_a_beam_option_or_a_flink_runner_option(name, streaming):
     assert known["runner"] == profile_options(name, streaming)["runner"]
     assert bool(known["streaming"]) is streaming
     # Runner-side flags are Flink's own; Beam itself does not know them.
-    if name != "flink":
+    if name not in ("flink", "local-flink"):
         assert runner_side == []
     assert parse_beam(runner_side)[1] == runner_side
     assert unrecognized_args(args) == []
@@ -462,6 +468,16 @@ def test_backfill_through_the_job_api_equals_fnapi(tmp_path):
     assert results["portable"] == results["direct"]
 
 
+def _key_urn(components, coder_id: str) -> str:
+    """A key coder's URN; a typed 2-tuple key (e.g. (packet_id, deadline), a KV coder)
+    reports its first part that is not deterministic, else its first part."""
+    key = components.coders[coder_id]
+    if key.spec.urn != "beam:coder:kv:v1":
+        return key.spec.urn
+    parts = [components.coders[c].spec.urn for c in key.component_coder_ids]
+    return next((urn for urn in parts if urn not in DETERMINISTIC_KEY_CODERS), parts[0])
+
+
 def keyed_steps(proto) -> dict[str, tuple[str, str | None, list[str]]]:
     """Stateful ParDos: label -> (input coder URN, key coder URN, state spec kinds)."""
     from apache_beam.portability import common_urns
@@ -480,7 +496,7 @@ def keyed_steps(proto) -> dict[str, tuple[str, str | None, list[str]]]:
         )
         coder = components.coders[components.pcollections[main_input].coder_id]
         key = (
-            components.coders[coder.component_coder_ids[0]].spec.urn
+            _key_urn(components, coder.component_coder_ids[0])
             if coder.component_coder_ids
             else None
         )

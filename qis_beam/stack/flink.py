@@ -1,0 +1,149 @@
+"""Flink session cluster: one JobManager and TaskManagers with 2 slots each, via Flink's scripts.
+
+The scripts (``bin/jobmanager.sh`` / ``bin/taskmanager.sh start-foreground``) compute the
+memory settings and add the Java 17 ``--add-opens`` flags from ``conf/config.yaml``; they
+``exec`` the JVM, so the recorded PID is the JVM's. Configuration lives in a per-state-dir
+copy of ``conf/`` (the cached distribution is never written to).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from qis_beam.stack.fetch import fetch_flink, require_tool
+from qis_beam.stack.procs import spawn
+from qis_beam.stack.state import Piece, Proc
+
+NAME = "flink"
+SLOTS_PER_TASKMANAGER = 2
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def flink_config(state: Path, rest_port: int, rpc_port: int, shipped: dict) -> dict[str, object]:
+    """The distribution's config.yaml (it holds the Java 17 flags) with loopback overrides."""
+    config = _flatten(shipped)
+    config.update(
+        {
+            "jobmanager.rpc.address": "127.0.0.1",
+            "jobmanager.rpc.port": rpc_port,
+            "jobmanager.bind-host": "127.0.0.1",
+            "taskmanager.bind-host": "127.0.0.1",
+            "taskmanager.host": "127.0.0.1",
+            "rest.address": "127.0.0.1",
+            "rest.bind-address": "127.0.0.1",
+            "rest.port": rest_port,
+            "taskmanager.numberOfTaskSlots": SLOTS_PER_TASKMANAGER,
+            "parallelism.default": 1,
+            # Modest memory: the machine is shared with Kafka, the emulator and tests.
+            "jobmanager.memory.process.size": "1024m",
+            "taskmanager.memory.process.size": "1536m",
+            # Checkpoints and savepoints on local disk, kept on cancel, for restores by hand.
+            "state.backend.type": "hashmap",
+            "state.checkpoints.dir": (state / "checkpoints").as_uri(),
+            "state.savepoints.dir": (state / "savepoints").as_uri(),
+            "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
+            "restart-strategy.type": "fixed-delay",
+            "restart-strategy.fixed-delay.attempts": 20,
+            "restart-strategy.fixed-delay.delay": "2 s",
+            # A killed TaskManager is noticed in seconds, not after the default 50 s.
+            "heartbeat.interval": 2000,
+            "heartbeat.timeout": 10000,
+            "io.tmp.dirs": str(state / "tmp"),
+            "web.tmpdir": str(state / "web-tmp"),
+            "web.upload.dir": str(state / "web-upload"),
+        }
+    )
+    return config
+
+
+def _env(state: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "FLINK_CONF_DIR": str(state / "conf"),
+        "FLINK_LOG_DIR": str(state / "log"),
+        "FLINK_PID_DIR": str(state),
+    }
+
+
+def launch(state_dir: Path, ports: dict[str, int]) -> Piece:
+    require_tool("java", "Flink needs Java 17 (apt-get install openjdk-17-jre-headless)")
+    home = fetch_flink().path
+    state = Path(state_dir) / NAME
+    conf = state / "conf"
+    if conf.exists():
+        shutil.rmtree(conf)
+    shutil.copytree(home / "conf", conf)
+    shipped = yaml.safe_load((home / "conf" / "config.yaml").read_text()) or {}
+    config = flink_config(state, ports["rest"], ports["rpc"], shipped)
+    (conf / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
+    for sub in ("log", "tmp", "web-tmp", "web-upload", "checkpoints", "savepoints"):
+        (state / sub).mkdir(parents=True, exist_ok=True)
+    jobmanager = spawn(
+        "jobmanager",
+        [str(home / "bin" / "jobmanager.sh"), "start-foreground"],
+        state / "jobmanager.log",
+        env=_env(state),
+        cwd=state,
+    )
+    piece = Piece(
+        name=NAME,
+        procs=[jobmanager],
+        endpoints={
+            "rest": f"http://127.0.0.1:{ports['rest']}",
+            "flink_master": f"127.0.0.1:{ports['rest']}",
+        },
+        log=jobmanager.log,
+        data={"home": str(home), "state": str(state), "taskmanagers": "1"},
+    )
+    piece.procs.append(start_taskmanager(piece, 1))
+    return piece
+
+
+def start_taskmanager(piece: Piece, number: int) -> Proc:
+    """One more TaskManager for the cluster of ``piece`` (e.g. after killing one)."""
+    state = Path(piece.data["state"])
+    home = Path(piece.data["home"])
+    return spawn(
+        f"taskmanager-{number}",
+        [
+            str(home / "bin" / "taskmanager.sh"),
+            "start-foreground",
+            f"-Dtaskmanager.resource-id=qis-tm-{number}",
+        ],
+        state / f"taskmanager-{number}.log",
+        env=_env(state),
+        cwd=state,
+    )
+
+
+def overview(rest_url: str) -> dict:
+    with urllib.request.urlopen(f"{rest_url}/overview", timeout=3) as response:
+        return json.load(response)
+
+
+def healthy(piece: Piece) -> bool:
+    """REST answers and every TaskManager of the piece registered with its 2 slots."""
+    tms = sum(1 for p in piece.procs if p.role.startswith("taskmanager"))
+    info = overview(piece.endpoints["rest"])
+    return (
+        info.get("taskmanagers") == tms and info.get("slots-total") == tms * SLOTS_PER_TASKMANAGER
+    )
+
+
+PORTS = ("rest", "rpc")
