@@ -1,17 +1,37 @@
-"""Batch backfill: packet logs (TFRecord, local or gs://) -> synthesis, dead letters."""
+"""Batch backfill: packet logs (TFRecord, local or gs://) -> synthesis, dead letters.
+
+Two passes over the logs and no funnel (see :mod:`qis_beam.transforms.ingest`): read and
+validate by ranges -> dedupe over many packet_id shards (compact entries, not records) ->
+re-read each range and fold the kept packets -> merge partials per (address, window) and per
+address with lifted combines. The number of keys is derived from the input's size.
+"""
 
 from __future__ import annotations
 
 import apache_beam as beam
-from apache_beam.transforms import window
+from apache_beam.io.filesystems import FileSystems
 
+from qis_beam.dedupe import shards_for
+from qis_beam.positions import estimated_records, range_records_for
 from qis_beam.settings import Settings
 from qis_beam.transforms.bigquery import WriteSynthesisToBigQuery
 from qis_beam.transforms.deadletters import DEAD_LETTERS
 from qis_beam.transforms.ingest import IngestBatches
 from qis_beam.transforms.outputs import DEAD_LETTERS_PREFIX, SYNTHESIS_PREFIX, WriteJsonLines
 from qis_beam.transforms.read import ReadRecordBatches
-from qis_beam.transforms.synthesize import FoldPacketLists, SynthesizeAllTime, SynthesizeWindows
+from qis_beam.transforms.synthesize import FoldRanges, MergeWindowPartials, SynthesizeAllTime
+
+# Sizing when the input cannot be listed while building (e.g. a Dataflow dry run offline).
+UNKNOWN_INPUT_RECORDS = 10_000_000
+
+
+def input_records(input_pattern: str) -> int:
+    """Estimated records of the input, from its files' sizes."""
+    try:
+        matched = FileSystems.match([input_pattern])[0].metadata_list
+    except Exception:  # noqa: BLE001 - unlistable here; the pipeline itself will say why
+        return UNKNOWN_INPUT_RECORDS
+    return estimated_records(sum(m.size_in_bytes for m in matched))
 
 
 def build_backfill(
@@ -21,25 +41,23 @@ def build_backfill(
     settings: Settings,
     bigquery_table: str | None = None,
 ):
-    read = pipeline | "ReadPacketLogs" >> ReadRecordBatches(input_pattern, settings.read_batch_size)
-    packets, ingest_dead = read.batches | "Ingest" >> IngestBatches(
-        settings.validation, settings.dedupe_shards
+    records = input_records(input_pattern)
+    batch = range_records_for(records, settings.read_batch_size)
+    read = pipeline | "ReadPacketLogs" >> ReadRecordBatches(input_pattern, batch)
+    ranges, ingest_dead = read.batches | "Ingest" >> IngestBatches(
+        settings.validation, shards_for(records, settings.dedupe_shards)
     )
-    partials = packets | "FoldPackets" >> FoldPacketLists(settings.windows)
-    windowed = partials | "SynthesizeWindows" >> SynthesizeWindows(
-        settings.windows,
-        settings.synthesis,
-        streaming=False,
-        hot_key_fanout=settings.hot_key_fanout,
-    )
-    all_time = partials | "SynthesizeAllTime" >> SynthesizeAllTime(
+    windowed, all_time = ranges | "FoldPackets" >> FoldRanges(settings.windows)
+    windowed = windowed | "SynthesizeWindows" >> MergeWindowPartials(
         settings.synthesis, hot_key_fanout=settings.hot_key_fanout
     )
-    windowed = windowed | "UnwindowRecords" >> beam.WindowInto(window.GlobalWindows())
-    records = (windowed, all_time) | "AllSynthesis" >> beam.Flatten()
-    records | "WriteSynthesis" >> WriteJsonLines(output_dir, SYNTHESIS_PREFIX)
+    all_time = all_time | "SynthesizeAllTime" >> SynthesizeAllTime(
+        settings.synthesis, hot_key_fanout=settings.hot_key_fanout
+    )
+    records_out = (windowed, all_time) | "AllSynthesis" >> beam.Flatten()
+    records_out | "WriteSynthesis" >> WriteJsonLines(output_dir, SYNTHESIS_PREFIX)
     if bigquery_table:
-        records | "WriteSynthesisToBigQuery" >> WriteSynthesisToBigQuery(bigquery_table, False)
+        records_out | "WriteSynthesisToBigQuery" >> WriteSynthesisToBigQuery(bigquery_table, False)
     (
         (read[DEAD_LETTERS], ingest_dead)
         | "AllDeadLetters" >> beam.Flatten()

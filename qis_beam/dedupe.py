@@ -4,12 +4,18 @@ Copies sharing a packet_id: the lexicographically smallest payload is the packet
 copies with that same payload are duplicates; copies with any other payload are
 conflicting duplicates (dead letters). The verdict depends only on the set of copies,
 never on their order, so every runner and every sharding agree.
+
+:func:`dedupe` applies the rule to whole copies (the reference, and small inputs);
+:func:`decide` applies it to the compact entries the backfill shuffles.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
 
 Copy = tuple[bytes, bytes, str]  # (packet_id, record, source)
 
@@ -49,3 +55,102 @@ def dedupe(copies: Iterable[Copy], payload_of: Callable[[bytes], bytes]) -> Dedu
                 duplicates += 1
         first[packet_id] = kept
     return DedupeResult(first, duplicates, conflicts)
+
+
+# --------------------------------------------------------------------------------------------
+# The same rule over compact entries, as the backfill applies it: the dedupe shuffle carries
+# only (packet_id, digest of payload, source position) per copy, 32 bytes, never the records.
+
+Position = tuple[str, int]  # (source file, byte offset of the record)
+
+# One copy: packet_id (its two halves read big-endian, so (hi, lo) sorts as the bytes do), a
+# keyed 64-bit digest of its payload, its offset relative to its range's start, and its
+# range's index in the slice's table of ranges. Little-endian throughout: numpy keeps that
+# byte order through concatenation, so the bytes on the wire are always this layout.
+ENTRY = np.dtype(
+    [("hi", "<u8"), ("lo", "<u8"), ("digest", "<u8"), ("rel", "<u4"), ("range", "<u4")]
+)
+
+
+def packet_id_halves(packet_ids: list[bytes]) -> np.ndarray:
+    """(n, 2) uint64 of 16-byte packet ids, read big-endian."""
+    return np.frombuffer(b"".join(packet_ids), dtype=">u8").reshape(-1, 2).astype(np.uint64)
+
+
+def packet_id_of(hi: int, lo: int) -> bytes:
+    return int(hi).to_bytes(8, "big") + int(lo).to_bytes(8, "big")
+
+
+def payload_digest(payload: bytes, key: bytes) -> bytes:
+    """8 bytes standing for the payload in the shuffle. Keyed (one random key per pipeline), so
+    nobody can craft two payloads that collide; equal payloads always have equal digests."""
+    return hashlib.blake2b(payload, digest_size=8, key=key).digest()
+
+
+def shard_of(entries: np.ndarray, shards: int) -> np.ndarray:
+    """Dedupe shard of each entry from its packet_id: Fibonacci hashing of hi ^ lo, so even
+    sequential ids spread evenly. ``shards`` is a power of two."""
+    if shards == 1:
+        return np.zeros(len(entries), dtype=np.int64)
+    mixed = (entries["hi"] ^ entries["lo"]) * np.uint64(0x9E3779B97F4A7C15)
+    return (mixed >> np.uint64(64 - shards.bit_length() + 1)).astype(np.int64)
+
+
+def repeated_runs(entries: np.ndarray) -> list[np.ndarray]:
+    """Index arrays of the entries sharing a packet_id, for every packet_id seen more than once."""
+    if len(entries) < 2:
+        return []
+    order = np.lexsort((entries["lo"], entries["hi"]))
+    hi, lo = entries["hi"][order], entries["lo"][order]
+    same = (hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1])
+    if not same.any():
+        return []
+    # Runs of equal ids: starts where an id differs from its predecessor.
+    starts = np.flatnonzero(np.concatenate(([True], ~same)))
+    lengths = np.diff(np.concatenate((starts, [len(order)])))
+    return [
+        order[s : s + n] for s, n in zip(starts.tolist(), lengths.tolist(), strict=True) if n > 1
+    ]
+
+
+@dataclasses.dataclass
+class Verdict:
+    kept: Position
+    duplicates: list[Position]
+    conflicts: list[tuple[Position, bytes]]  # (position, raw record) of each conflicting copy
+
+
+def decide(
+    copies: Sequence[tuple[int, Position]],
+    fetch: Callable[[list[Position]], dict[Position, bytes]],
+    payload_of: Callable[[bytes], bytes],
+) -> Verdict:
+    """The batch rule for the ``(digest, position)`` copies of one packet_id.
+
+    Equal digests mean equal payloads: the copy at the smallest position is kept, the others
+    are duplicates, nothing is read. Otherwise the raw records are fetched from their
+    positions and the rule is applied to the real payloads (smallest payload kept; copies
+    equal to it are duplicates, the others conflicts), so the verdict is exact.
+    """
+    positions = sorted(position for _, position in copies)
+    if len({digest for digest, _ in copies}) == 1:
+        return Verdict(positions[0], positions[1:], [])
+    records = fetch(positions)
+    payloads = {position: payload_of(records[position]) for position in positions}
+    smallest = min(payloads.values())
+    winners = [p for p in positions if payloads[p] == smallest]
+    conflicts = [(p, records[p]) for p in positions if payloads[p] != smallest]
+    return Verdict(winners[0], winners[1:], conflicts)
+
+
+TARGET_ENTRIES_PER_SHARD = 2048
+MIN_SHARDS = 512  # no shard holds much more than 1/512 of the packets, whatever the size
+MAX_SHARDS = 1 << 20
+
+
+def shards_for(records: int, minimum: int = 1) -> int:
+    """Dedupe shards: a power of two, so that a shard holds about 2048 entries (bounded work
+    per key, thousands of keys on big inputs) and never much more than 1/512 of all packets;
+    at least ``minimum`` (``--dedupe-shards``), at most 2**20."""
+    wanted = max(minimum, -(-records // TARGET_ENTRIES_PER_SHARD), MIN_SHARDS)
+    return min(MAX_SHARDS, 1 << (wanted - 1).bit_length())

@@ -1,12 +1,16 @@
 """Running a pipeline as a job: options, the run itself, then store and summary.
 
-Shared by ``backfill`` and ``replay``: both end by loading the run's synthesis into the
-intelligence store (one process, one transaction) and writing summary.json.
+Shared by ``backfill`` and ``replay``. A run writes aside, into ``DIR/_run-<id>/``, loads its
+synthesis into a copy of the default store there (or, with ``--store URL``, into that store
+once published), writes summary.json, commits and publishes by renames
+(:mod:`qis_beam.publish`): a run killed at any moment leaves the previous outputs and store
+as they were, and the next run clears what it left.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -17,9 +21,18 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
+from qis_beam.publish import (
+    STORE_NAME,
+    apply,
+    commit,
+    new_run_dir,
+    pause_point,
+    published_outputs,
+    recover,
+)
 from qis_beam.replay import ReplayPlan, plan_replay
 from qis_beam.settings import Settings
-from qis_beam.store import IntelligenceStore
+from qis_beam.store import new_run_id, open_store, redact
 from qis_beam.summary import build_summary, counters, write_summary
 from qis_beam.transforms.outputs import (
     DEAD_LETTERS_PREFIX,
@@ -27,10 +40,10 @@ from qis_beam.transforms.outputs import (
     TALLIES_PREFIX,
     output_path,
     read_json_lines,
-    remove_previous_outputs,
+    staged,
 )
 
-STORE_NAME = "intelligence.db"
+__all__ = ["STORE_NAME", "pipeline_options", "run_job", "run_replay"]
 
 
 def pipeline_options(beam_args: Sequence[str], default_runner: str, **overrides) -> PipelineOptions:
@@ -42,22 +55,39 @@ def pipeline_options(beam_args: Sequence[str], default_runner: str, **overrides)
     return options
 
 
-def load_store(output_dir: str) -> tuple[str, list[dict[str, Any]]]:
-    """Load the run's synthesis into ``<output_dir>/intelligence.db``: (path, records)."""
-    records = list(read_json_lines(output_dir, SYNTHESIS_PREFIX))
+def prepare_store(output_dir: str, run_dir: str, records: list[dict[str, Any]], run_id: str) -> str:
+    """The default store: a copy of ``DIR/intelligence.db`` in the run's folder with the
+    run's synthesis upserted (one transaction); published by a rename. Returns its final path."""
     target = output_path(output_dir, STORE_NAME)
-    local = FileSystems.get_scheme(target) in (None, "file")
-    if local:
-        with IntelligenceStore(target, create=True) as store:
-            store.load(records)
-    else:  # build locally, then upload whole (SQLite needs a local file)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, STORE_NAME)
-            with IntelligenceStore(path, create=True) as store:
-                store.load(records)
-            with open(path, "rb") as src, FileSystems.create(target) as dst:
-                dst.write(src.read())
-    return target, records
+    staged_copy = output_path(run_dir, STORE_NAME)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = FileSystems.get_scheme(staged_copy) in (None, "file")
+        path = staged_copy if local else os.path.join(tmp, STORE_NAME)
+        if FileSystems.exists(target):  # SQLite needs a local file: copy, never edit in place
+            with FileSystems.open(target) as src, open(path, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        with open_store(path, create=True) as store:
+            store.load(records, run_id)
+        if not local:
+            with open(path, "rb") as src, FileSystems.create(staged_copy) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    return target
+
+
+def external_loader(output_dir: str, store_url: str | None) -> Callable[[dict], None]:
+    """Loads a committed run's published synthesis into ``--store URL`` (idempotent upsert)."""
+
+    def load(manifest: dict) -> None:
+        if not store_url or redact(store_url) != manifest.get("store_url"):
+            print(
+                f"note: {output_dir}: a committed run was published without loading its "
+                f"synthesis into {manifest.get('store_url')}; rerun it with that --store"
+            )
+            return
+        with open_store(store_url, create=True) as store:
+            store.load(read_json_lines(output_dir, SYNTHESIS_PREFIX), manifest["run_id"])
+
+    return load
 
 
 def is_dataflow(options: PipelineOptions) -> bool:
@@ -88,6 +118,8 @@ def run_job(
     output_dir: str,
     options: PipelineOptions,
     extra: dict[str, Any] | None = None,
+    store_url: str | None = None,
+    run_kind: str = "backfill",
 ) -> dict[str, Any]:
     """Build and run a bounded pipeline to completion; returns summary.json's content
     (or, for a dry run, what :func:`translate_only` returns)."""
@@ -95,18 +127,30 @@ def run_job(
         return translate_only(build, options)
     if not FileSystems.exists(output_dir):
         FileSystems.mkdirs(output_dir)
-    remove_previous_outputs(output_dir)
+    load_external = external_loader(output_dir, store_url)
+    for line in recover(output_dir, load_external):
+        print(f"note: {line}")
+    run_id = new_run_id(run_kind)
+    run_dir = new_run_dir(output_dir)
+    pause_point("staged")
     started = time.perf_counter()
     pipeline = beam.Pipeline(options=options)
-    build(pipeline)
+    with staged(output_dir, run_dir):  # the sinks write into run_dir
+        build(pipeline)
     result = pipeline.run()
     result.wait_until_finish()
-    store_path, records = load_store(output_dir)
-    reasons = Counter(d["reason"] for d in read_json_lines(output_dir, DEAD_LETTERS_PREFIX))
+    pause_point("pipeline-done")
+    records = list(read_json_lines(run_dir, SYNTHESIS_PREFIX))
+    if store_url:
+        store_path = redact(store_url)
+    else:
+        store_path = prepare_store(output_dir, run_dir, records, run_id)
+    pause_point("store-ready")
+    reasons = Counter(d["reason"] for d in read_json_lines(run_dir, DEAD_LETTERS_PREFIX))
     windowed = [r for r in records if r["window_start_ms"] is not None]
     counts = counters(result)
     # Where the run wrote exact tallies (replay), they replace the counters.
-    counts.update({t["counter"]: t["value"] for t in read_json_lines(output_dir, TALLIES_PREFIX)})
+    counts.update({t["counter"]: t["value"] for t in read_json_lines(run_dir, TALLIES_PREFIX)})
     summary = build_summary(
         counts,
         dead_letter_reasons=dict(reasons),
@@ -119,10 +163,20 @@ def run_job(
             "synthesis": output_path(output_dir, f"{SYNTHESIS_PREFIX}-*.jsonl"),
             "dead_letters": output_path(output_dir, f"{DEAD_LETTERS_PREFIX}-*.jsonl"),
             "store": store_path,
+            "summary": output_path(output_dir, "summary.json"),
         },
     )
     summary.update(extra or {})
-    summary["outputs"]["summary"] = write_summary(output_dir, summary)
+    write_summary(run_dir, summary)
+    manifest = {
+        "files": [path.rsplit("/", 1)[-1] for path in published_outputs(run_dir)],
+        "store": "external" if store_url else "copy",
+        "store_url": redact(store_url) if store_url else None,
+        "run_id": run_id,
+    }
+    commit(run_dir, manifest)
+    pause_point("committed")
+    apply(output_dir, run_dir, load_external)
     return summary
 
 
@@ -141,19 +195,29 @@ def run_replay(
     paths: Sequence[str], output_dir: str, settings: Settings, beam_args: Sequence[str] = ()
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Replay logs through the streaming graph on the BundleBasedDirectRunner."""
-    from qis_beam.pipelines.replay import build_replay
-    from qis_beam.replay_speedups import memoise_qis_dofn_specs
+    import contextlib
 
-    memoise_qis_dofn_specs()
+    from qis_beam.pipelines.replay import build_replay
+    from qis_beam.replay import check_replay_runner
+    from qis_beam.replay_speedups import indexed_direct_timers, memoised_dofn_specs
+
+    options = pipeline_options(beam_args, default_runner="BundleBasedDirectRunner", streaming=True)
+    runner = check_replay_runner(options.view_as(StandardOptions).runner)
     # Watermark steps no larger than the shortest timer period (beam-facts.md); each step
     # costs the DirectRunner a round over every stage, so not smaller either.
     step_ms = max(1_000, min(settings.stream.emit_every_ms, settings.windows.bucket_ms))
     plan = plan_replay(paths, settings.stream.watermark_delay_ms, step_ms)
-    options = pipeline_options(beam_args, default_runner="BundleBasedDirectRunner", streaming=True)
-    summary = run_job(
-        lambda p: build_replay(p, plan, replay_drain_ms(plan, settings), output_dir, settings),
-        output_dir,
-        options,
-        extra={"replay": {"records": plan.records, "watermark_steps": len(plan.steps)}},
-    )
+    # The DoFn-spec patch lives only as long as this run (and only on the DirectRunner).
+    direct = runner == "BundleBasedDirectRunner"
+    with (
+        memoised_dofn_specs() if direct else contextlib.nullcontext(),
+        indexed_direct_timers() if direct else contextlib.nullcontext(),
+    ):
+        summary = run_job(
+            lambda p: build_replay(p, plan, replay_drain_ms(plan, settings), output_dir, settings),
+            output_dir,
+            options,
+            extra={"replay": {"records": plan.records, "watermark_steps": len(plan.steps)}},
+            run_kind="replay",
+        )
     return summary, list(read_json_lines(output_dir, SYNTHESIS_PREFIX))

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from qis_beam.proto import packet_pb2
-from qis_beam.synthesis import Synthesis, node_hash, synthesize_columns
+from qis_beam.synthesis import Synthesis, node_hash, node_hash_array, synthesize_columns
 
 Packet = packet_pb2.OutcomePacket
 
@@ -69,3 +69,116 @@ def single_packet_partial(p: Packet) -> Synthesis:
         p.template_id,
     )
     return synthesis
+
+
+# Column dtypes of PacketColumns' chunks (node ids are kept as their 64-bit hash).
+_COLUMNS = (
+    ("address", np.int64),
+    ("node", np.uint64),
+    ("approach", np.int64),
+    ("template", np.int64),
+    ("outcome", np.int64),
+    ("delta", np.float64),
+    ("confidence", np.float64),
+    ("event_time", np.int64),
+)
+
+
+class PacketColumns:
+    """Fields of many packets, column by column, folded at once by :meth:`fold`.
+
+    The batch backfill's second pass appends the kept packets of every range of a bundle and
+    folds about a million at a time: partials per (address, bucket) and per address are then
+    few and large, which keeps the merges after the shuffle cheap. Each call's packets are
+    stored as numpy chunks (~50 bytes a packet), not Python objects.
+    """
+
+    def __init__(self, bucket_ms: int):
+        self._bucket_ms = bucket_ms
+        self._reset()
+
+    def _reset(self) -> None:
+        self._codes: tuple[dict, dict, dict] = ({}, {}, {})  # address, approach, template
+        self._chunks: list[tuple[np.ndarray, ...]] = []
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add_payloads(self, payloads) -> None:
+        addresses, approaches, templates = self._codes
+        cols: tuple[list, ...] = tuple([] for _ in _COLUMNS)
+        address, node_id, approach, template, outcome, delta, confidence, event_time = (
+            c.append for c in cols
+        )
+        parse = Packet.FromString
+        for payload in payloads:
+            p = parse(payload)
+            a = p.semantic_address
+            code = addresses.get(a)
+            address(code if code is not None else addresses.setdefault(a, len(addresses)))
+            a = p.approach_id
+            code = approaches.get(a)
+            approach(code if code is not None else approaches.setdefault(a, len(approaches)))
+            a = p.template_id
+            code = templates.get(a)
+            template(code if code is not None else templates.setdefault(a, len(templates)))
+            node_id(p.node_id)
+            outcome(p.outcome_type)
+            delta(p.outcome_delta)
+            confidence(p.confidence)
+            event_time(p.event_time_ms)
+        if cols[0]:
+            chunk = tuple(
+                node_hash_array(c) if name == "node" else np.array(c, dtype=dtype)
+                for (name, dtype), c in zip(_COLUMNS, cols, strict=True)
+            )
+            self._chunks.append(chunk)
+            self._count += len(cols[0])
+
+    def fold(self) -> tuple[dict[tuple[str, int], Synthesis], dict[str, Synthesis]]:
+        """``({(address_hex, bucket_start_ms): partial}, {address_hex: partial})``; empties."""
+        if not self._count:
+            return {}, {}
+        addresses, approaches, templates = (list(codes) for codes in self._codes)
+        chunks = self._chunks
+        address, nodes, approach, template, outcome, delta, confidence, times = (
+            np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(_COLUMNS))
+        )
+        self._reset()
+        columns = dict(
+            template_ids="",  # set per group below: cheaper than a string per packet
+            node_hashes=nodes,
+            approach_ids=(approach, approaches),
+            outcome_types=outcome,
+            deltas=delta,
+            confidences=confidence,
+            event_times_ms=times,
+        )
+        hexes = [a.hex() for a in addresses]
+        # (address, bucket) as one int64: address code * bucket span + bucket index
+        bucket = times // self._bucket_ms
+        low = int(bucket.min())
+        span = int(bucket.max()) - low + 1
+        pairs, pair_codes = np.unique(address * span + (bucket - low), return_inverse=True)
+        pair_codes = pair_codes.reshape(-1)
+        keys = [(hexes[p // span], (low + p % span) * self._bucket_ms) for p in pairs.tolist()]
+        windowed = synthesize_columns((pair_codes, keys), **columns)
+        _set_templates(windowed.values(), template, pair_codes, len(keys), templates)
+        used, address_codes = np.unique(address, return_inverse=True)
+        address_codes = address_codes.reshape(-1)
+        all_time = synthesize_columns((address_codes, [hexes[a] for a in used.tolist()]), **columns)
+        _set_templates(all_time.values(), template, address_codes, len(used), templates)
+        return windowed, all_time
+
+
+def _set_templates(partials, template, groups, n_groups, vocabulary) -> None:
+    """Each group's template id: the lexicographically smallest of its packets' (as
+    :class:`Synthesis` keeps it; empty ids count as unset)."""
+    ranked = sorted(range(len(vocabulary)), key=lambda i: (not vocabulary[i], vocabulary[i]))
+    rank_of = np.empty(len(vocabulary), dtype=np.int64)
+    rank_of[ranked] = np.arange(len(vocabulary))
+    best = np.full(n_groups, len(vocabulary), dtype=np.int64)
+    np.minimum.at(best, groups, rank_of[template])
+    for partial, rank in zip(partials, best.tolist(), strict=True):
+        partial.template_id = vocabulary[ranked[rank]] or None

@@ -189,3 +189,58 @@ def test_any_bytes_through_the_pipeline_land_in_exactly_one_place(tmp_path_facto
     dead = list(read_json_lines(output, "dead_letters"))
     assert len(dead) == summary["dead_letters"]["total"]
     assert all(base64.b64decode(d["record_b64"]) in records for d in dead)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    copies=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 2)), min_size=1, max_size=24),
+    shards=st.sampled_from([1, 2, 3, 16, 64]),
+    files=st.integers(1, 3),
+    batch=st.integers(1, 5),
+)
+def test_dedupe_follows_the_batch_rule_for_any_shard_count(
+    tmp_path_factory, copies, shards, files, batch
+):
+    """Copies of a few packet_ids, some identical, some changed, spread over files and ranges:
+    whatever the number of dedupe shards, the kept packets, duplicates and conflicting dead
+    letters (with their raw records) are exactly those of the reference rule."""
+    import qis_beam.dedupe as dedupe_module
+    from qis_beam.dedupe import dedupe
+    from qis_beam.partials import fold_by_bucket
+    from qis_beam.synthesis import Synthesis
+
+    records = [
+        make_record(
+            node_key(i % 3),
+            packet_id=pid(i),
+            outcome_delta=variant / 10,
+            event_time_ms=T0_MS + i * 600_000,
+            emit_time_ms=T0_MS + i * 600_000,
+        )
+        for i, variant in copies
+    ]
+    by_file = {f"packets-{k}.tfrecord": records[k::files] for k in range(files)}
+    tmp_path = tmp_path_factory.mktemp("shards")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dedupe_module, "MIN_SHARDS", 1)  # so that `shards` is the shard count
+        summary, output = backfill(tmp_path, by_file, dedupe_shards=shards, read_batch_size=batch)
+
+    sources = [(pid(i), r, "f") for (i, _), r in zip(copies, records, strict=True)]
+    reference = dedupe(sources, payload_of)
+    assert summary["valid"] == len(reference.kept)
+    assert summary["duplicates"] == reference.duplicates
+    dead = list(read_json_lines(output, "dead_letters"))
+    assert sorted(base64.b64decode(d["record_b64"]) for d in dead) == sorted(
+        r for _, r, _ in reference.conflicts
+    )
+    assert all(d["reason"] == "conflicting_duplicate" for d in dead)
+    expected = Synthesis()
+    for partial in fold_by_bucket(
+        [payload_of(r) for r in reference.kept.values()], HOUR_MS
+    ).values():
+        expected.merge(partial)
+    (all_time,) = [r for r in read_json_lines(output, "synthesis") if r["window_start_ms"] is None]
+    want = expected.extract()
+    assert all_time["n_packets"] == want["n_packets"]
+    assert all_time["n_nodes"] == want["n_nodes"]
+    assert all_time["mean_delta"] == pytest.approx(want["mean_delta"], abs=1e-12)

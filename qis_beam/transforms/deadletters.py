@@ -21,6 +21,16 @@ def counter(name: str):
     return _counters[name]
 
 
+_distributions = {}
+
+
+def distribution(name: str):
+    """A qis-namespace Beam distribution (e.g. packets per key of a shuffle)."""
+    if name not in _distributions:
+        _distributions[name] = Metrics.distribution(NAMESPACE, name)
+    return _distributions[name]
+
+
 def reason_counter_name(reason: str) -> str:
     if reason not in ALL_REASONS:
         raise ValueError(f"unknown dead-letter reason {reason!r}")

@@ -1,34 +1,69 @@
 """Ingestion of spec section 4 in batch: validate, dead-letter, deduplicate (batch rule).
 
-Validation runs per record batch (no per-record Beam overhead), with the batch's signatures
-verified on a thread pool (libsodium releases the GIL). Deduplication needs every
-copy of a packet_id in one place, so valid packets are shuffled by packet_id into
-``dedupe_shards`` groups (lists, not single records, cross the shuffle); each group keeps,
-per packet_id, the lexicographically smallest payload: identical extra copies are counted
-as duplicates, copies with any other payload are ``conflicting_duplicate`` dead letters.
-The verdict does not depend on arrival order, bundling or sharding. With more than one
-shard the kept payloads are regrouped by address before folding.
+No funnel and no raw records in the shuffle:
 
-Memory: the runner's shuffle holds every valid record once. Flink and Dataflow spill it to
-disk; the FnApiRunner keeps it in memory, so a local backfill's peak memory grows with the
-number of packets (measured in benchmarks/).
+1. ``Validate`` runs per record batch (one range of a file; signatures verified on a thread
+   pool). Each valid copy becomes a 32-byte entry: packet_id, a keyed 64-bit digest of its
+   payload and its source position. Entries go to ``shards`` dedupe keys by a hash of the
+   packet_id (many keys, sized from the input: see :func:`qis_beam.dedupe.shards_for`), in
+   slices buffered across the bundle (at most 2**18 entries, 8 MiB, in all), so a shuffled
+   element is at most a batch's worth. Each range also emits its descriptor: where it is
+   and which of its records were invalid.
+2. ``Dedupe`` gets all copies of its packet_ids. Ids seen once are kept without a look;
+   repeated ids with one digest keep the copy at the smallest position (the others are
+   duplicates); repeated ids with different digests have their raw records read back from
+   their positions and the exact rule applied (smallest payload kept, other payloads are
+   ``conflicting_duplicate`` dead letters carrying the raw record). It emits, per range, the
+   offsets of the copies not to fold.
+3. ``GatherRanges`` brings each range's descriptor and drop lists together; the fold
+   (:class:`qis_beam.transforms.synthesize.FoldRanges`) re-reads the range and folds the rest.
+
+The verdict depends only on the set of copies, never on arrival order, bundling or sharding.
+Memory: the shuffles hold 32 bytes per valid copy plus a few per range, not the records.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.pvalue import TaggedOutput
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
-from qis_beam.dedupe import dedupe
+from qis_beam.dedupe import (
+    ENTRY,
+    Position,
+    decide,
+    packet_id_halves,
+    packet_id_of,
+    payload_digest,
+    repeated_runs,
+    shard_of,
+)
+from qis_beam.positions import FRAMING, fetch_records
 from qis_beam.proto import packet_pb2
 from qis_beam.signing import ThreadedVerifier
-from qis_beam.transforms.deadletters import DEAD_LETTERS, counter, dead_letter
+from qis_beam.transforms.deadletters import DEAD_LETTERS, counter, dead_letter, distribution
 from qis_beam.validation import DUPLICATE_REASON, Rejection, ValidationPolicy, validate_batch
 
-# (source, [(packet_id, record), ...]) for one dedupe shard of one read batch
-ShardSlice = tuple[str, list[tuple[bytes, bytes]]]
+RANGES = "ranges"
+# Dedupe shuffle element: (files, RANGE array bytes, ENTRY array bytes); an entry's "range"
+# indexes the ranges, a range's "path" the files. ~12 bytes per range, 32 per copy.
+Slice = tuple[list[str], bytes, bytes]
+RANGE = np.dtype([("path", "<u4"), ("start", "<u8")])
+# Fold shuffle element, keyed by range key: a descriptor (end offset, valid records, packed
+# uint32 offsets of invalid records relative to the start) or a drop list (DROPS, 0, packed
+# relative offsets of copies the dedupe did not keep).
+RangePart = tuple[int, int, bytes]
+DROPS = -1
+# Entries are buffered across the batches of a bundle and sent, one slice per shard, at the
+# end of the bundle or when this many are buffered (8 MiB): slices stay large even with
+# many shards and small batches.
+BUNDLE_ENTRIES = 1 << 18
 
 
 def payload_of(record: bytes) -> bytes:
@@ -37,10 +72,25 @@ def payload_of(record: bytes) -> bytes:
     return envelope.payload
 
 
+def range_key(path: str, start: int) -> str:
+    return f"{start}@{path}"
+
+
+def parse_range_key(key: str) -> Position:
+    start, path = key.split("@", 1)
+    return path, int(start)
+
+
+def _relative(offsets: Iterable[int]) -> bytes:
+    return np.fromiter(offsets, dtype="<u4").tobytes()
+
+
 class _ValidateBatchFn(beam.DoFn):
     def __init__(self, policy: ValidationPolicy, shards: int):
         self._policy = policy
         self._shards = shards
+        # One key per pipeline: digests cannot be made to collide by whoever writes packets.
+        self._digest_key = os.urandom(16)
 
     def setup(self) -> None:
         self._verifier = ThreadedVerifier()
@@ -48,62 +98,130 @@ class _ValidateBatchFn(beam.DoFn):
     def teardown(self) -> None:
         self._verifier.close()
 
-    def process(self, batch: tuple[str, list[bytes]]) -> Iterator:
-        source, records = batch
-        policy, shards, now_ms = self._policy, self._shards, self._policy.clock_ms()
-        by_shard: list[list[tuple[bytes, bytes]]] = [[] for _ in range(shards)]
-        verdicts = validate_batch(records, policy, now_ms, self._verifier)
+    def start_bundle(self) -> None:
+        self._ranges: list[tuple[str, int]] = []  # (file, start) of the buffered entries
+        self._pending: list[np.ndarray] = []
+        self._buffered = 0
+
+    def process(self, batch: tuple[str, int, list[bytes]]) -> Iterator:
+        source, start, records = batch
+        policy = self._policy
+        verdicts = validate_batch(records, policy, policy.clock_ms(), self._verifier)
+        key, digest = range_key(source, start), self._digest_key
+        invalid: list[int] = []
+        pids: list[bytes] = []
+        digests: list[bytes] = []
+        rels: list[int] = []
+        rel = 0
         for record, verdict in zip(records, verdicts, strict=True):
             if isinstance(verdict, Rejection):
                 yield TaggedOutput(
                     DEAD_LETTERS,
                     dead_letter(verdict.reason, verdict.detail, record, verdict.packet_id, source),
                 )
-                continue
-            packet_id = verdict.packet.packet_id
-            by_shard[packet_id[0] % shards].append((packet_id, record))
-        for shard, items in enumerate(by_shard):
-            if items:
-                yield f"{shard:04d}", (source, items)
+                invalid.append(rel)
+            else:
+                pids.append(verdict.packet.packet_id)
+                digests.append(payload_digest(verdict.payload, digest))
+                rels.append(rel)
+            rel += len(record) + FRAMING
+        yield TaggedOutput(RANGES, (key, (start + rel, len(pids), _relative(invalid))))
+        if not pids:
+            return
+        entries = np.empty(len(pids), dtype=ENTRY)
+        halves = packet_id_halves(pids)
+        entries["hi"], entries["lo"] = halves[:, 0], halves[:, 1]
+        entries["digest"] = np.frombuffer(b"".join(digests), dtype="<u8")
+        entries["rel"] = rels
+        entries["range"] = len(self._ranges)
+        self._ranges.append((source, start))
+        self._pending.append(entries)
+        self._buffered += len(entries)
+        if self._buffered >= BUNDLE_ENTRIES:
+            yield from self._slices()
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        for element in self._slices():
+            yield WindowedValue(element, MIN_TIMESTAMP, (GlobalWindow(),))
+
+    def _slices(self) -> Iterator[tuple[str, Slice]]:
+        """The buffered entries, one slice per shard, each with its own table of ranges."""
+        if not self._pending:
+            return
+        entries = np.concatenate(self._pending)
+        ranges = self._ranges
+        self._pending, self._ranges, self._buffered = [], [], 0
+        shards = shard_of(entries, self._shards)
+        order = np.argsort(shards, kind="stable")
+        shards, entries = shards[order], entries[order]
+        cuts = np.flatnonzero(np.diff(shards)) + 1
+        for shard, part in zip(
+            shards[np.r_[0, cuts]].tolist(), np.split(entries, cuts), strict=True
+        ):
+            used, local = np.unique(part["range"], return_inverse=True)
+            part["range"] = local.reshape(-1)
+            paths: dict[str, int] = {}
+            table = np.empty(len(used), dtype=RANGE)
+            for j, i in enumerate(used.tolist()):
+                path, start = ranges[i]
+                table[j] = (paths.setdefault(path, len(paths)), start)
+            yield str(shard), (list(paths), table.tobytes(), part.tobytes())
 
 
 class _DedupeShardFn(beam.DoFn):
-    """All copies of the packet_ids of one shard -> the kept packets' payloads."""
+    """All copies of one shard's packet_ids -> per range, the offsets not to fold."""
 
-    def process(self, element: tuple[str, Iterable[ShardSlice]]) -> Iterator:
+    def process(self, element: tuple[str, Iterable[Slice]]) -> Iterator:
         _, slices = element
-        copies = (
-            (packet_id, record, source) for source, items in slices for packet_id, record in items
-        )
-        result = dedupe(copies, payload_of)
-        for packet_id, record, source in result.conflicts:
-            detail = "same packet_id as a packet with a smaller payload, which is kept"
-            yield TaggedOutput(
-                DEAD_LETTERS, dead_letter(DUPLICATE_REASON, detail, record, packet_id, source)
-            )
-        counter("duplicates").inc(result.duplicates)
-        counter("valid").inc(len(result.kept))
-        # Payload bytes, not parsed messages, cross transform boundaries: they encode cheaply.
-        yield [payload_of(record) for record in result.kept.values()]
-
-
-class _SplitByAddressFn(beam.DoFn):
-    """Kept payloads of one dedupe shard -> one list per address bucket."""
-
-    def __init__(self, buckets: int):
-        self._buckets = buckets
-
-    def process(self, payloads: list[bytes]) -> Iterator[tuple[str, list[bytes]]]:
-        by_bucket: dict[int, list[bytes]] = {}
-        for payload in payloads:
-            address = packet_pb2.OutcomePacket.FromString(payload).semantic_address
-            by_bucket.setdefault(address[0] % self._buckets, []).append(payload)
-        for bucket, items in by_bucket.items():
-            yield f"{bucket:04d}", items
+        paths: list[str] = []
+        range_paths, range_starts, arrays = [], [], []
+        n_ranges = 0
+        for slice_paths, table, data in slices:
+            entries = np.frombuffer(data, dtype=ENTRY).copy()
+            entries["range"] += n_ranges
+            table = np.frombuffer(table, dtype=RANGE)
+            n_ranges += len(table)
+            range_paths.append(table["path"].astype(np.int64) + len(paths))
+            range_starts.append(table["start"])
+            paths.extend(slice_paths)
+            arrays.append(entries)
+        entries = np.concatenate(arrays)
+        range_path = np.concatenate(range_paths)
+        range_start = np.concatenate(range_starts)
+        distribution("dedupe_key_packets").update(len(entries))
+        drops: dict[str, list[int]] = {}
+        duplicates = conflicts = 0
+        for run in repeated_runs(entries):
+            # position -> (range key, offset relative to the range's start)
+            where: dict[Position, tuple[str, int]] = {}
+            copies = []
+            for i in run.tolist():
+                r, rel = entries["range"][i], int(entries["rel"][i])
+                path, start = paths[range_path[r]], int(range_start[r])
+                key = range_key(path, start)
+                where[(path, start + rel)] = (key, rel)
+                copies.append((int(entries["digest"][i]), (path, start + rel)))
+            verdict = decide(copies, fetch_records, payload_of)
+            not_kept = verdict.duplicates + [at for at, _ in verdict.conflicts]
+            for at in not_kept:
+                key, rel = where[at]
+                drops.setdefault(key, []).append(rel)
+            pid = packet_id_of(entries["hi"][run[0]], entries["lo"][run[0]])
+            for (path, _), record in verdict.conflicts:
+                detail = "same packet_id as a packet with a smaller payload, which is kept"
+                yield TaggedOutput(
+                    DEAD_LETTERS, dead_letter(DUPLICATE_REASON, detail, record, pid, path)
+                )
+            duplicates += len(verdict.duplicates)
+            conflicts += len(verdict.conflicts)
+        counter("duplicates").inc(duplicates)
+        counter("valid").inc(len(entries) - duplicates - conflicts)
+        for key, offsets in drops.items():
+            yield key, (DROPS, 0, _relative(offsets))
 
 
 class IngestBatches(beam.PTransform):
-    """Record batches -> lists of valid, deduplicated payloads; dead letters on a side output."""
+    """Record batches -> (range key, [RangePart]) groups to fold; dead letters."""
 
     def __init__(self, policy: ValidationPolicy, dedupe_shards: int):
         super().__init__()
@@ -113,16 +231,22 @@ class IngestBatches(beam.PTransform):
     def expand(self, batches):
         validated = batches | "Validate" >> beam.ParDo(
             _ValidateBatchFn(self._policy, self._shards)
-        ).with_outputs(DEAD_LETTERS, main="valid")
+        ).with_outputs(DEAD_LETTERS, RANGES, main="entries")
         deduped = (
-            validated.valid
-            # a typed str key: a deterministic key coder on every runner
-            | "TypedShardKey" >> beam.Map(lambda kv: kv).with_output_types(tuple[str, ShardSlice])
+            validated.entries
+            # typed str keys: a deterministic key coder on every runner
+            | "TypedShardKey" >> beam.Map(lambda kv: kv).with_output_types(tuple[str, Slice])
             | "ShuffleByPacketId" >> beam.GroupByKey()
-            | "Dedupe" >> beam.ParDo(_DedupeShardFn()).with_outputs(DEAD_LETTERS, main="packets")
+            | "Dedupe" >> beam.ParDo(_DedupeShardFn()).with_outputs(DEAD_LETTERS, main="drops")
+        )
+        ranges = (
+            (validated[RANGES], deduped.drops)
+            | "RangesAndDrops" >> beam.Flatten()
+            | "TypedRangeKey" >> beam.Map(lambda kv: kv).with_output_types(tuple[str, RangePart])
+            | "GatherRanges" >> beam.GroupByKey()
         )
         dead = (
             validated[DEAD_LETTERS],
             deduped[DEAD_LETTERS],
         ) | "MergeDeadLetters" >> beam.Flatten()
-        return deduped.packets, dead
+        return ranges, dead

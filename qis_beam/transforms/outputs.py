@@ -1,23 +1,54 @@
-"""JSON Lines sinks (local or gs://), bounded and streaming, and clean-up of old shards."""
+"""JSON Lines sinks (local or gs://), bounded and streaming; bounded runs write aside."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
+import os
+import time
 import zlib
 from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
-from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms import trigger, window
 
 SYNTHESIS_PREFIX = "synthesis"
 DEAD_LETTERS_PREFIX = "dead_letters"
-TALLIES_PREFIX = "tallies"  # replay only: exact counts (see stream.TallyStream)
+TALLIES_PREFIX = "tallies"  # replay only: exact counts (see transforms.streaming.tallies)
 
 
 def output_path(output_dir: str, name: str) -> str:
     return FileSystems.join(output_dir, name)
+
+
+# Output folder -> the folder the current bounded run writes to instead (see
+# qis_beam.publish: a run writes aside and publishes by renames once complete). Set by
+# qis_beam.jobs.run_job around building the pipeline, so every caller's build function
+# stays ``build(pipeline)`` with the output folder it was given.
+_staging: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "staging", default=None
+)
+
+
+@contextlib.contextmanager
+def staged(output_dir: str, run_dir: str):
+    token = _staging.set({**(_staging.get() or {}), _norm(output_dir): run_dir})
+    try:
+        yield
+    finally:
+        _staging.reset(token)
+
+
+def _norm(path: str) -> str:
+    path = path.rstrip("/") or path
+    return os.path.abspath(path) if FileSystems.get_scheme(path) in (None, "file") else path
+
+
+def write_dir(output_dir: str) -> str:
+    """Where a sink for ``output_dir`` writes: the run's own folder while one is staged."""
+    return (_staging.get() or {}).get(_norm(output_dir), output_dir)
 
 
 class WriteJsonLines(beam.PTransform):
@@ -25,7 +56,7 @@ class WriteJsonLines(beam.PTransform):
 
     def __init__(self, output_dir: str, prefix: str, num_shards: int = 0):
         super().__init__()
-        self._prefix = output_path(output_dir, prefix)
+        self._prefix = output_path(write_dir(output_dir), prefix)
         self._num_shards = num_shards
 
     def expand(self, records):
@@ -41,15 +72,6 @@ class WriteJsonLines(beam.PTransform):
                 num_shards=self._num_shards,
             )
         )
-
-
-def remove_previous_outputs(output_dir: str) -> None:
-    """Delete shards a previous run left, so a re-run never mixes old and new shards."""
-    for prefix in (SYNTHESIS_PREFIX, DEAD_LETTERS_PREFIX, TALLIES_PREFIX):
-        pattern = output_path(output_dir, f"{prefix}-*.jsonl")
-        stale = [m.path for result in FileSystems.match([pattern]) for m in result.metadata_list]
-        if stale:
-            FileSystems.delete(stale)
 
 
 def read_json_lines(output_dir: str, prefix: str):
@@ -90,7 +112,7 @@ class WriteJsonLinesOnDrain(beam.PTransform):
 
     def __init__(self, output_dir: str, prefix: str, shards: int = 1):
         super().__init__()
-        self._output_dir = output_dir
+        self._output_dir = write_dir(output_dir)
         self._prefix = prefix
         self._shards = shards
 
@@ -115,34 +137,70 @@ class WriteJsonLinesOnDrain(beam.PTransform):
         )
 
 
-class WriteJsonLinesContinuously(beam.PTransform):
-    """Unbounded records -> JSON Lines files flushed every ``flush_seconds`` of processing time.
+class _WriteRolledFileFn(beam.DoFn):
+    """One flush of one shard -> one file, written aside and renamed into place.
 
-    For ``run`` on Flink/Dataflow. The global window never expires, so late panes and
+    Named by the job's launch time and the pane index (deterministic on retries, sorted in
+    flush order): ``<prefix>-<launch ns>-<pane>-SSSSS-of-NNNNN.jsonl``.
+    """
+
+    def __init__(self, output_dir: str, prefix: str, shards: int, run_token: str):
+        self._output_dir = output_dir
+        self._prefix = prefix
+        self._shards = shards
+        self._run_token = run_token
+
+    def process(self, element: tuple[int, Iterable[str]], pane=beam.DoFn.PaneInfoParam):
+        shard, lines = element
+        name = (
+            f"{self._prefix}-{self._run_token}-{pane.index:08d}"
+            f"-{shard:05d}-of-{self._shards:05d}.jsonl"
+        )
+        final = output_path(self._output_dir, name)
+        temp = output_path(self._output_dir, f".{name}.tmp")  # outside the read pattern
+        with FileSystems.create(temp) as handle:
+            for line in lines:
+                handle.write(line.encode("utf-8") + b"\n")
+        FileSystems.rename([temp], [final])
+        yield final
+
+
+class WriteJsonLinesContinuously(beam.PTransform):
+    """Unbounded records -> JSON Lines files rolled every ``flush_seconds`` of processing time.
+
+    For ``run`` on Flink/Dataflow. Lines are grouped per shard and per flush, so each flush
+    writes one file per shard (``fileio.WriteToFiles`` wrote one file per bundle: about a
+    hundred per flush on a busy stream). The global window never expires, so late panes and
     too-late dead letters are written like everything else.
     """
 
-    def __init__(self, output_dir: str, prefix: str, flush_seconds: int = 60):
+    def __init__(self, output_dir: str, prefix: str, flush_seconds: int = 60, shards: int = 1):
         super().__init__()
         self._output_dir = output_dir
         self._prefix = prefix
         self._flush_seconds = flush_seconds
+        self._shards = shards
+        self._run_token = f"{time.time_ns():020d}"  # this launch: a restart never overwrites
 
     def expand(self, records):
+        shards = self._shards
         return (
             records
             | "ToJson"
             >> beam.Map(lambda r: json.dumps(r, separators=(",", ":"))).with_output_types(str)
+            | "AssignShard"
+            >> beam.Map(
+                lambda line: (zlib.crc32(line.encode("utf-8")) % shards, line)
+            ).with_output_types(tuple[int, str])
             | "FlushEvery"
             >> beam.WindowInto(
                 window.GlobalWindows(),
                 trigger=trigger.Repeatedly(trigger.AfterProcessingTime(self._flush_seconds)),
                 accumulation_mode=trigger.AccumulationMode.DISCARDING,
             )
+            | "GroupByShard" >> beam.GroupByKey()
             | "WriteFiles"
-            >> fileio.WriteToFiles(
-                path=self._output_dir,
-                file_naming=fileio.default_file_naming(self._prefix, ".jsonl"),
-                shards=1,
+            >> beam.ParDo(
+                _WriteRolledFileFn(self._output_dir, self._prefix, shards, self._run_token)
             )
         )

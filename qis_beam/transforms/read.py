@@ -1,8 +1,10 @@
 """Batched reading of TFRecord packet logs (local or any Beam filesystem, e.g. gs://).
 
 ``ReadFromTFRecord`` hands records on one at a time, which costs ~8 µs of Beam overhead
-per record; reading a whole shard and emitting lists of records removes most of it
-(beam-facts.md, "Speed"). Each shard is read by one worker: write logs in many shards.
+per record; reading a shard in chunks and emitting lists of records removes most of it
+(beam-facts.md, "Speed"). Each batch is also a *range* of its file (first byte offset and
+records), which the backfill's second pass re-reads (:mod:`qis_beam.positions`). A shard is
+read by one worker (TFRecord has no sync markers to split on): write logs in many shards.
 """
 
 from __future__ import annotations
@@ -13,41 +15,54 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.pvalue import TaggedOutput
 
-from qis_beam.tfrecords import CorruptRecordFile, iter_records, read_file
+from qis_beam.positions import iter_framed, open_log
+from qis_beam.tfrecords import CorruptRecordFile
 from qis_beam.transforms.deadletters import DEAD_LETTERS, counter, dead_letter
 
-# A corrupt shard tail is one dead letter; its raw bytes are cut to keep the record small.
-MAX_DEAD_LETTER_RECORD_BYTES = 4096
-
-RecordBatch = tuple[str, list[bytes]]  # (source file, records)
+# (source file, byte offset of the first record, records): one range of one file
+RecordBatch = tuple[str, int, list[bytes]]
+# A batch also ends at this many bytes: bounded memory, and offsets within a range fit the
+# uint32 the backfill's shuffles carry them in.
+MAX_BATCH_BYTES = 64 << 20
 
 
 class _ReadShardBatchesFn(beam.DoFn):
     def __init__(self, batch_size: int):
         self._batch_size = batch_size
 
-    def process(self, path: str) -> Iterator[RecordBatch | TaggedOutput]:
+    def process(self, shard: tuple[str, int]) -> Iterator[RecordBatch | TaggedOutput]:
+        path, size = shard
         records_in = counter("records_in")
         batch: list[bytes] = []
+        start = 0
         try:
-            for record in iter_records(read_file(path)):
-                batch.append(record)
-                if len(batch) >= self._batch_size:
-                    records_in.inc(len(batch))
-                    yield path, batch
-                    batch = []
+            with open_log(path) as handle:
+                for offset, record in iter_framed(handle):
+                    if not batch:
+                        start = offset
+                    batch.append(record)
+                    if (
+                        len(batch) >= self._batch_size
+                        or offset + len(record) - start >= MAX_BATCH_BYTES
+                    ):
+                        records_in.inc(len(batch))
+                        yield path, start, batch
+                        batch = []
         except CorruptRecordFile as error:
             records_in.inc()
-            rest = error.rest[:MAX_DEAD_LETTER_RECORD_BYTES]
-            detail = f"{error}; the rest of the shard ({len(error.rest)} bytes) cannot be framed"
-            yield TaggedOutput(DEAD_LETTERS, dead_letter("undecodable", detail, rest, source=path))
+            detail = (
+                f"{error}; the rest of the shard ({size - error.offset} bytes) cannot be framed"
+            )
+            yield TaggedOutput(
+                DEAD_LETTERS, dead_letter("undecodable", detail, error.rest, source=path)
+            )
         if batch:
             records_in.inc(len(batch))
-            yield path, batch
+            yield path, start, batch
 
 
 class ReadRecordBatches(beam.PTransform):
-    """File pattern -> (source, [record bytes]) batches, plus a dead-letter output."""
+    """File pattern -> (source, start offset, [record bytes]) batches, plus dead letters."""
 
     def __init__(self, file_pattern: str, batch_size: int):
         super().__init__()
@@ -58,7 +73,8 @@ class ReadRecordBatches(beam.PTransform):
         return (
             pbegin
             | "MatchShards" >> fileio.MatchFiles(self._file_pattern)
-            | "ShardPaths" >> beam.Map(lambda metadata: metadata.path).with_output_types(str)
+            | "ShardPaths"
+            >> beam.Map(lambda m: (m.path, m.size_in_bytes)).with_output_types(tuple[str, int])
             | "SpreadShards" >> beam.Reshuffle()
             | "ReadShards"
             >> beam.ParDo(_ReadShardBatchesFn(self._batch_size)).with_outputs(

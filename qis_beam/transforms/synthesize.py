@@ -1,26 +1,34 @@
 """Synthesis by address in event-time windows and over all time (spec sections 5-6).
 
-Input of every transform here: ``(address_hex, Synthesis)`` partials timestamped in event
-time. Backfill folds whole packet lists into one partial per (address, bucket); streaming
-sends one-packet partials. Windows merge partials with one CombineFn over the shared,
-Beam-free :class:`~qis_beam.synthesis.Synthesis`, so both paths compute the same thing.
+Streaming sends one-packet ``(address_hex, Synthesis)`` partials timestamped in event time
+through :class:`SynthesizeWindows`. The backfill's :class:`FoldRanges` folds the kept packets
+of many ranges at once into partials already keyed by (address, window) and by address, merged
+by :class:`MergeWindowPartials` and :class:`SynthesizeAllTime`. Both paths merge with one
+CombineFn over the shared, Beam-free :class:`~qis_beam.synthesis.Synthesis`, so they compute
+the same thing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 from apache_beam import coders
+from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms import trigger, window
-from apache_beam.utils.timestamp import Duration, Timestamp
-from apache_beam.utils.windowed_value import PaneInfoTiming
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
+from apache_beam.utils.windowed_value import PaneInfoTiming, WindowedValue
 
-from qis_beam.partials import fold_by_bucket
+from qis_beam.partials import PacketColumns
+from qis_beam.positions import iter_framed, open_log
+from qis_beam.proto import packet_pb2
 from qis_beam.settings import WindowSettings
 from qis_beam.synthesis import Synthesis, SynthesisParams
-from qis_beam.transforms.deadletters import counter
+from qis_beam.transforms.deadletters import counter, distribution
+from qis_beam.transforms.ingest import DROPS, RangePart, parse_range_key
 
 Partial = tuple[str, Synthesis]
 
@@ -54,7 +62,9 @@ class MergeSynthesesFn(beam.CombineFn):
         return accumulator.merge(partial)
 
     def merge_accumulators(self, accumulators) -> Synthesis:
-        merged = Synthesis()
+        # Accumulators belong to the combine: Beam lets the first one be merged into.
+        accumulators = iter(accumulators)
+        merged = next(accumulators, None) or Synthesis()
         for accumulator in accumulators:
             merged.merge(accumulator)
         return merged
@@ -66,30 +76,114 @@ class MergeSynthesesFn(beam.CombineFn):
         return SynthesisCoder()  # the versioned encoding, not a pickle
 
 
-class _FoldPacketListsFn(beam.DoFn):
-    """A list of payloads -> one partial per (address, bucket), stamped at the bucket start."""
+class _MergeOwnedPartialsFn(MergeSynthesesFn):
+    """For partials that nothing else holds (FoldRanges emits each object once): the first
+    partial of a key becomes its accumulator instead of being copied into an empty one."""
 
-    def __init__(self, bucket_ms: int):
-        self._bucket_ms = bucket_ms
-
-    def process(self, payloads: list[bytes]) -> Iterator[window.TimestampedValue]:
-        for (address, bucket_start_ms), partial in fold_by_bucket(
-            payloads, self._bucket_ms
-        ).items():
-            yield window.TimestampedValue(
-                (address, partial), Timestamp(micros=bucket_start_ms * 1000)
-            )
+    def add_input(self, accumulator: Synthesis, partial: Synthesis) -> Synthesis:
+        if accumulator.n_packets == 0:
+            return partial
+        return accumulator.merge(partial)
 
 
-class FoldPacketLists(beam.PTransform):
+class _FoldRangesFn(beam.DoFn):
+    """Second pass of the backfill: re-read each range, fold the packets the dedupe kept.
+
+    Columns of the ranges of a bundle (~50 bytes a packet) are folded every ``FOLD_PACKETS``
+    packets and at the end of the bundle, into partials keyed by (address, window) (main
+    output) and by address (``all_time``): the pre-aggregation step of the combines after.
+    """
+
+    def __init__(self, windows: WindowSettings):
+        self._windows = windows
+
+    def setup(self) -> None:
+        self._window_fn = window_fn(self._windows)
+        self._window_keys: dict[int, list[str]] = {}
+
+    def start_bundle(self) -> None:
+        self._columns = PacketColumns(self._windows.bucket_ms)
+
+    def process(self, element: tuple[str, Iterable[RangePart]]) -> Iterator:
+        key, parts = element
+        path, start = parse_range_key(key)
+        end, valid, skip = None, 0, set()
+        for kind, count, packed in parts:
+            if kind != DROPS:
+                end, valid = kind, count
+            skip.update(np.frombuffer(packed, dtype="<u4").tolist())
+        distribution("range_key_packets").update(valid)
+        if end is None or not valid:
+            return
+        with open_log(path) as handle:
+            framed = iter_framed(handle, start, end, check_crc=False)
+            if skip:
+                framed = ((o, r) for o, r in framed if o - start not in skip)
+            self._columns.add_payloads(_payloads(r for _, r in framed))
+        if len(self._columns) >= FOLD_PACKETS:
+            yield from self._fold()
+
+    def finish_bundle(self) -> Iterator:
+        for output in self._fold():
+            if isinstance(output, TaggedOutput):
+                yield TaggedOutput(output.tag, _global(output.value))
+            else:
+                yield _global(output)
+
+    def _fold(self) -> Iterator:
+        windowed, all_time = self._columns.fold()
+        for (address, bucket_start_ms), partial in windowed.items():
+            first, *others = self._keys_of_bucket(bucket_start_ms)
+            yield f"{address}|{first}", partial
+            for window_key in others:  # sliding windows: every emitted object is its own
+                yield f"{address}|{window_key}", partial.copy()
+        for address, partial in all_time.items():
+            yield TaggedOutput(ALL_TIME, (address, partial))
+
+    def _keys_of_bucket(self, bucket_start_ms: int) -> list[str]:
+        keys = self._window_keys.get(bucket_start_ms)
+        if keys is None:
+            context = window.WindowFn.AssignContext(Timestamp(micros=bucket_start_ms * 1000))
+            keys = self._window_keys[bucket_start_ms] = [
+                f"{w.start.micros // 1000}|{w.end.micros // 1000}"
+                for w in self._window_fn.assign(context)
+            ]
+        return keys
+
+
+def _payloads(records: Iterable[bytes]) -> Iterator[bytes]:
+    envelope = packet_pb2.Envelope()
+    for record in records:
+        envelope.ParseFromString(record)
+        yield envelope.payload
+
+
+def _global(value) -> WindowedValue:
+    return WindowedValue(value, MIN_TIMESTAMP, (GlobalWindow(),))
+
+
+ALL_TIME = "all_time"
+FOLD_PACKETS = 1 << 20
+
+
+class FoldRanges(beam.PTransform):
+    """Range groups (see :mod:`qis_beam.transforms.ingest`) -> partials keyed by
+    ``"address|start|end"`` (main output) and by address (``all_time``)."""
+
     def __init__(self, windows: WindowSettings):
         super().__init__()
-        self._bucket_ms = windows.bucket_ms
+        self._windows = windows
 
-    def expand(self, packet_lists):
-        return packet_lists | "FoldBuckets" >> beam.ParDo(
-            _FoldPacketListsFn(self._bucket_ms)
-        ).with_output_types(tuple[str, Synthesis])
+    def expand(self, ranges):
+        folded = ranges | "FoldKeptPackets" >> beam.ParDo(
+            _FoldRangesFn(self._windows)
+        ).with_outputs(ALL_TIME, main="windowed")
+        typed = tuple[str, Synthesis]
+        return (
+            folded.windowed | "TypedWindowKey" >> beam.Map(lambda kv: kv).with_output_types(typed),
+            folded[ALL_TIME]
+            | "TypedAddressKey" >> beam.Map(lambda kv: kv).with_output_types(typed),
+        )
 
 
 _TIMING = {
@@ -152,24 +246,6 @@ class _FormatAllTimeFn(beam.DoFn):
         yield synthesis_record(address, synthesis, self._params, None, dict(FINAL_PANE))
 
 
-class _KeyByWindowFn(beam.DoFn):
-    """Bounded input: (address, partial) -> ("address|start|end", partial) per window.
-
-    Batch has no late data and fires each window once, so windows can be grouping keys in
-    the global window; Beam's windowed GroupByKey would run its trigger machinery per
-    element for nothing (a fifth of a backfill's time). The windows come from the same
-    WindowFn the streaming path uses.
-    """
-
-    def __init__(self, windows: WindowSettings):
-        self._window_fn = window_fn(windows)
-
-    def process(self, element: Partial, ts=beam.DoFn.TimestampParam) -> Iterator[Partial]:
-        address, partial = element
-        for w in self._window_fn.assign(window.WindowFn.AssignContext(ts)):
-            yield f"{address}|{w.start.micros // 1000}|{w.end.micros // 1000}", partial
-
-
 class _FormatKeyedWindowFn(beam.DoFn):
     def __init__(self, params: SynthesisParams):
         self._params = params
@@ -222,19 +298,9 @@ class SynthesizeWindows(beam.PTransform):
         self._fanout = hot_key_fanout
 
     def expand(self, partials):
-        merge = beam.CombinePerKey(MergeSynthesesFn())
         if not self._streaming:
-            if self._fanout > 1:
-                merge = merge.with_hot_key_fanout(self._fanout)
-            return (
-                partials
-                | "KeyByWindow"
-                >> beam.ParDo(_KeyByWindowFn(self._windows)).with_output_types(
-                    tuple[str, Synthesis]
-                )
-                | "MergePerAddressWindow" >> merge.with_output_types(tuple[str, Synthesis])
-                | "FormatWindowed" >> beam.ParDo(_FormatKeyedWindowFn(self._params))
-            )
+            raise ValueError("bounded input: use MergeWindowPartials on FoldRanges' output")
+        merge = beam.CombinePerKey(MergeSynthesesFn())
         windowing = beam.WindowInto(
             window_fn(self._windows),
             trigger=streaming_trigger(self._windows),
@@ -249,8 +315,13 @@ class SynthesizeWindows(beam.PTransform):
         )
 
 
-class SynthesizeAllTime(beam.PTransform):
-    """Bounded input: partials -> one all-time record per address (global window)."""
+class MergeWindowPartials(beam.PTransform):
+    """Bounded input: ``("address|start|end", partial)`` -> one record per (address, window).
+
+    Batch has no late data and fires each window once, so windows are part of the key in the
+    global window (Beam's windowed GroupByKey would run its trigger machinery for nothing).
+    Combiner lifting merges the partials of a bundle before the shuffle.
+    """
 
     def __init__(self, params: SynthesisParams, hot_key_fanout: int = 0):
         super().__init__()
@@ -258,12 +329,30 @@ class SynthesizeAllTime(beam.PTransform):
         self._fanout = hot_key_fanout
 
     def expand(self, partials):
-        merge = beam.CombinePerKey(MergeSynthesesFn())
+        merge = beam.CombinePerKey(_MergeOwnedPartialsFn())
         if self._fanout > 1:
             merge = merge.with_hot_key_fanout(self._fanout)
         return (
             partials
-            | "GlobalWindow" >> beam.WindowInto(window.GlobalWindows())
+            | "MergePerAddressWindow" >> merge.with_output_types(tuple[str, Synthesis])
+            | "FormatWindowed" >> beam.ParDo(_FormatKeyedWindowFn(self._params))
+        )
+
+
+class SynthesizeAllTime(beam.PTransform):
+    """Bounded input: ``(address, partial)`` -> one all-time record per address."""
+
+    def __init__(self, params: SynthesisParams, hot_key_fanout: int = 0):
+        super().__init__()
+        self._params = params
+        self._fanout = hot_key_fanout
+
+    def expand(self, partials):
+        merge = beam.CombinePerKey(_MergeOwnedPartialsFn())
+        if self._fanout > 1:
+            merge = merge.with_hot_key_fanout(self._fanout)
+        return (
+            partials
             | "MergePerAddress" >> merge.with_output_types(tuple[str, Synthesis])
             | "FormatAllTime" >> beam.ParDo(_FormatAllTimeFn(self._params))
         )
