@@ -1,4 +1,5 @@
-"""Replay: packet logs played as an unbounded stream through TestStream (DirectRunner)."""
+"""Replay: packet logs played as an unbounded stream through TestStream (BundleBasedDirectRunner;
+not Prism, see ``qis_beam.replay.check_replay_runner``)."""
 
 from __future__ import annotations
 

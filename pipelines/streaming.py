@@ -13,7 +13,8 @@ from apache_beam.transforms import window
 from qis_beam.settings import Settings
 from qis_beam.transforms.bigquery import WriteSynthesisToBigQuery
 from qis_beam.transforms.outputs import DEAD_LETTERS_PREFIX, SYNTHESIS_PREFIX, TALLIES_PREFIX
-from qis_beam.transforms.stream import (
+from qis_beam.transforms.store_sink import WriteToStore
+from qis_beam.transforms.streaming import (
     AllTimeSnapshots,
     FlagTooLate,
     IngestStream,
@@ -30,8 +31,11 @@ def build_streaming_graph(
     write,
     tally: bool = False,
     bigquery_table: str | None = None,
+    store_url: str | None = None,
 ):
     """records: PCollection of (record, source); ``write(output_dir, prefix)`` is the sink.
+
+    ``store_url`` also upserts every snapshot into that store as it is produced.
 
     ``tally`` adds exact counts as ``tallies-*.jsonl`` once a finite stream drains (replay).
     """
@@ -48,7 +52,8 @@ def build_streaming_graph(
     windowed = partials | "SynthesizeWindows" >> SynthesizeWindows(
         settings.windows, settings.synthesis, streaming=True
     )
-    all_time = partials | "SynthesizeAllTime" >> AllTimeSnapshots(
+    # All-time state folds raw payloads on its timer (O(1) work per packet), not partials.
+    all_time = packets | "SynthesizeAllTime" >> AllTimeSnapshots(
         settings.stream, settings.synthesis
     )
     too_late = packets | "FlagTooLate" >> FlagTooLate(settings.windows)
@@ -59,6 +64,8 @@ def build_streaming_graph(
     synthesis | "WriteSynthesis" >> write(output_dir, SYNTHESIS_PREFIX)
     if bigquery_table:
         synthesis | "WriteSynthesisToBigQuery" >> WriteSynthesisToBigQuery(bigquery_table, True)
+    if store_url:
+        synthesis | "WriteSynthesisToStore" >> WriteToStore(store_url)
     (
         (ingest_dead, too_late)
         | "AllDeadLetters" >> beam.Flatten()

@@ -17,6 +17,29 @@ from qis_beam.tfrecords import read_file, split_records
 
 MAX_CORRUPT_TAIL_BYTES = 4096
 
+# Runners replay refuses, and why (measured on Beam 2.77 with Prism v2.77.0; README "Replay").
+REFUSED_RUNNERS = {
+    "prismrunner": (
+        "Prism lets too-late packets reopen windows that have already closed and labels late "
+        "panes EARLY (apache/beam#31438), so final panes and pane timings would be wrong"
+    ),
+    # A bare DirectRunner runs a streaming pipeline on Prism when it can download it.
+    "directrunner": "name the runner: --runner BundleBasedDirectRunner (the default)",
+}
+
+
+class UnsupportedReplayRunner(ValueError):
+    """A runner that would replay with other semantics than spec section 6."""
+
+
+def check_replay_runner(runner: str) -> str:
+    """The runner's short name, or :class:`UnsupportedReplayRunner` with the reason."""
+    name = runner.rsplit(".", 1)[-1]
+    reason = REFUSED_RUNNERS.get(name.lower()) or REFUSED_RUNNERS.get(f"{name.lower()}runner")
+    if reason:
+        raise UnsupportedReplayRunner(f"--runner {name} is not supported by replay: {reason}")
+    return name
+
 
 @dataclasses.dataclass
 class ReplayStep:
