@@ -4,6 +4,11 @@ Both sources deliver raw ``Envelope`` bytes; event time is taken from the packet
 ingest step. For a source watermark that follows event time, have producers set it at the
 source: Kafka record timestamps = event time with ``--kafka-timestamp-policy CreateTime``,
 or a Pub/Sub attribute named by ``--timestamp-attribute``.
+
+Kafka has two readers (``--kafka-reader``): ``native`` (qis_beam/transforms/kafka_read.py, a
+Python splittable DoFn over confluent-kafka; runs on Prism and any portable runner, no
+jars) and ``xlang`` (Beam's cross-language ReadFromKafka, for clusters with the Java IO
+expansion service).
 """
 
 from __future__ import annotations
@@ -25,8 +30,21 @@ class SourceSettings:
     bootstrap_servers: str | None = None  # Kafka only
     kafka_timestamp_policy: str = "CreateTime"
     kafka_expansion_service: str | None = None  # host:port; None lets Beam start one
+    # Kafka reader: "native" (qis_beam.transforms.kafka_read, Python, any runner) or "xlang"
+    # (Beam's ReadFromKafka: Java expansion service + a runner that runs Java). None: xlang
+    # when an expansion service is given, else native.
+    kafka_reader: str | None = None
+    kafka_group_id: str | None = None  # native: commit offsets, resume from them
+    kafka_watermark_delay_ms: int = 60_000  # native: watermark trails record times by this
+    kafka_stop_when_idle_s: float | None = None  # native: end the job once drained (tests)
     timestamp_attribute: str | None = None  # Pub/Sub only
     flush_seconds: int = 60  # how often output files are written
+
+
+def kafka_reader(source: SourceSettings) -> str:
+    if source.kafka_reader is not None:
+        return source.kafka_reader
+    return "xlang" if source.kafka_expansion_service else "native"
 
 
 def read_envelopes(pipeline: beam.Pipeline, source: SourceSettings):
@@ -37,6 +55,17 @@ def read_envelopes(pipeline: beam.Pipeline, source: SourceSettings):
             topic=None if source.subscription else source.topic,
             subscription=source.subscription,
             timestamp_attribute=source.timestamp_attribute,
+        )
+    elif source.kind == "kafka" and kafka_reader(source) == "native":
+        from qis_beam.transforms.kafka_read import ReadKafkaEnvelopes
+
+        name = source.topic
+        raw = pipeline | "ReadKafkaNative" >> ReadKafkaEnvelopes(
+            source.bootstrap_servers,
+            source.topic,
+            group_id=source.kafka_group_id,
+            watermark_delay_ms=source.kafka_watermark_delay_ms,
+            stop_when_idle_s=source.kafka_stop_when_idle_s,
         )
     elif source.kind == "kafka":
         from apache_beam.io.kafka import ReadFromKafka  # cross-language: Java expansion service
@@ -71,10 +100,18 @@ def build_run(
     output_dir: str,
     settings: Settings,
     bigquery_table: str | None = None,
+    store_url: str | None = None,
 ):
     records = read_envelopes(pipeline, source)
 
     def write(directory: str, prefix: str):
         return WriteJsonLinesContinuously(directory, prefix, source.flush_seconds)
 
-    build_streaming_graph(records, output_dir, settings, write=write, bigquery_table=bigquery_table)
+    build_streaming_graph(
+        records,
+        output_dir,
+        settings,
+        write=write,
+        bigquery_table=bigquery_table,
+        store_url=store_url,
+    )

@@ -22,6 +22,11 @@ Example, inside a training loop::
 
 The context is canonicalised and hashed on the node (:mod:`qis_beam.address`); only the
 32-byte address, the approach and the measured outcome leave it.
+
+Live delivery: pass ``to="kafka://broker:9092/outcomes"`` (or ``pubsub://projects/P/topics/T``,
+``file://DIR``; see :mod:`qis_beam.transports`) to publish each envelope as well as, or
+instead of, appending it to ``log_path``. Kafka records are keyed by the address and stamped
+with the event time; Pub/Sub messages carry it in the ``event_time_ms`` attribute.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from qis_beam.address import semantic_address
 from qis_beam.proto import packet_pb2
 from qis_beam.signing import NodeKey
 from qis_beam.tfrecords import write_record
+from qis_beam.transports import Transport, TransportURL, open_transport
 
 SCHEMA_VERSION = 1
 
@@ -97,33 +103,43 @@ def seal(
 
 
 class OutcomeEmitter:
-    """One node's emitter for one problem context; appends signed envelopes to a log."""
+    """One node's emitter for one problem context: appends signed envelopes to a log file
+    and/or publishes them to a transport (Kafka, Pub/Sub)."""
 
     def __init__(
         self,
         key: NodeKey,
-        log_path: str | os.PathLike,
+        log_path: str | os.PathLike | None,
         template_id: str,
         context: Mapping[str, object],
+        to: str | TransportURL | Transport | None = None,
     ):
+        if log_path is None and to is None:
+            raise ValueError("OutcomeEmitter needs a log_path, a transport (to=...) or both")
         self.key = key
         self.template_id = template_id
         self.address = semantic_address(template_id, context)
-        path = pathlib.Path(log_path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(path, "ab")  # noqa: SIM115 - closed by close()/__exit__
+        self._log = None
+        if log_path is not None:
+            path = pathlib.Path(log_path).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(path, "ab")  # noqa: SIM115 - closed by close()/__exit__
+        # A URL is opened (and closed) here; a Transport object passed in stays the caller's.
+        self._owns_transport = isinstance(to, (str, TransportURL))
+        self.transport: Transport | None = open_transport(to) if self._owns_transport else to
 
     @classmethod
     def open(
         cls,
         *,
         key_file: str | os.PathLike,
-        log_path: str | os.PathLike,
+        log_path: str | os.PathLike | None = None,
         template_id: str,
         context: Mapping[str, object],
+        to: str | TransportURL | Transport | None = None,
     ) -> OutcomeEmitter:
         key = NodeKey.load_or_create(pathlib.Path(key_file).expanduser())
-        return cls(key, log_path, template_id, context)
+        return cls(key, log_path, template_id, context, to=to)
 
     def emit(
         self,
@@ -137,7 +153,7 @@ class OutcomeEmitter:
         event_time_ms: int | None = None,
         context_embedding: Sequence[float] | None = None,
     ) -> bytes:
-        """Build, sign and append one packet; returns the Envelope bytes written."""
+        """Build, sign, append and/or publish one packet; returns the Envelope bytes."""
         packet = build_packet(
             key=self.key,
             address=self.address,
@@ -152,12 +168,28 @@ class OutcomeEmitter:
             context_embedding=context_embedding,
         )
         record = seal(self.key, packet)
-        write_record(self._log, record)
-        self._log.flush()
+        if self._log is not None:
+            write_record(self._log, record)
+            self._log.flush()
+        if self.transport is not None:
+            self.transport.publish(record, event_time_ms=packet.event_time_ms, key=self.address)
         return record
 
+    def flush(self) -> None:
+        """Wait until every published envelope is delivered (raises on a delivery failure)."""
+        if self.transport is not None:
+            self.transport.flush()
+
     def close(self) -> None:
-        self._log.close()
+        try:
+            if self.transport is not None:
+                if self._owns_transport:
+                    self.transport.close()
+                else:
+                    self.transport.flush()
+        finally:
+            if self._log is not None:
+                self._log.close()
 
     def __enter__(self) -> OutcomeEmitter:
         return self
