@@ -7,7 +7,8 @@ Each swarm is simulated (every node contributes the same number of packets, so m
 means more evidence per address), backfilled on the FnApiRunner with the CLI's defaults, and
 each address's ``recommended_approach`` in the store is compared with ``truth.json``'s best
 approach. Prints, per swarm size, the addresses with a recommendation and the share of those
-that match. A measurement, not a test: nothing here is asserted.
+that match, and draws the curve as a PNG (``--png``, default in the work dir). A measurement,
+not a test: nothing here is asserted.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--addresses", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--work-dir", default=None)
+    parser.add_argument("--png", default=None, help="the curve (default WORK_DIR/accuracy.png)")
     args = parser.parse_args()
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="qis-accuracy-")
     print(
@@ -62,6 +64,7 @@ def main() -> None:
         f"{args.packets_per_node} packets per node, {args.seeds} seeds per size"
     )
     print(f"{'nodes':>6} {'packets':>8} {'recommended':>12} {'match truth':>12}")
+    points = []
     for nodes in (int(n) for n in args.nodes.split(",")):
         packets = nodes * args.packets_per_node
         hits = total = 0
@@ -70,6 +73,16 @@ def main() -> None:
             hits, total = hits + h, total + t
         share = f"{100 * hits / total:.0f}%" if total else "n/a"
         print(f"{nodes:>6} {packets:>8} {total:>12} {share:>12}  ({hits}/{total})")
+        points.append((nodes, hits, total))
+
+    from qis_beam.report.figures import accuracy_figure
+
+    png = args.png or os.path.join(work_dir, "accuracy.png")
+    subtitle = (
+        f"{args.addresses} addresses, {args.packets_per_node} packets per node, "
+        f"{args.seeds} seeds per size"
+    )
+    print(f"curve: {accuracy_figure(png, points, subtitle)}")
 
 
 if __name__ == "__main__":

@@ -88,4 +88,9 @@ def run_demo(out_dir: str, *, packets: int, seed: int, beam_args: Sequence[str] 
             f"n_packets={b['n_packets']} n_nodes={b['n_nodes']}"
         )
     print(f"      recommendations matching the truth: {hits}/{total} addresses")
+
+    from qis_beam.report import write_report  # matplotlib loads only when a report is drawn
+
+    page = write_report(output_dir, truth_path=os.path.join(swarm_dir, "truth.json"))
+    print(f"report: {os.path.abspath(page)}")
     return 0
