@@ -19,7 +19,7 @@ PROTO_OUT = ROOT / "qis_beam" / "proto"
 
 
 def compile_protos() -> None:
-    """Compile protos/qis/v1/*.proto into qis_beam/proto/<name>_pb2.py."""
+    """Compile protos/qis/v1/*.proto into qis_beam/proto/<name>_pb2.py (+ _pb2_grpc.py)."""
     import shutil
     import tempfile
 
@@ -31,12 +31,20 @@ def compile_protos() -> None:
     include = pathlib.Path(protoc.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as tmp:
         args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={tmp}"]
+        args.append(f"--grpc_python_out={tmp}")  # services (query.proto) get *_pb2_grpc.py
         if protoc.main(args + [str(s) for s in sources]) != 0:
             raise RuntimeError("protoc failed on " + ", ".join(map(str, sources)))
         # Descriptor names stay "qis/v1/<name>.proto" (unique in the global pool); the
         # modules import nothing of each other, so they can live flat in qis_beam.proto.
         for generated in pathlib.Path(tmp, "qis", "v1").glob("*_pb2.py"):
             shutil.copy(generated, PROTO_OUT / generated.name)
+        # Service stubs import their messages as "qis.v1.<name>_pb2": point them at the
+        # flat package. Files without a service are empty and not kept.
+        for stub in pathlib.Path(tmp, "qis", "v1").glob("*_pb2_grpc.py"):
+            text = stub.read_text(encoding="utf-8")
+            if "class " in text:
+                text = text.replace("from qis.v1 import ", "from qis_beam.proto import ")
+                (PROTO_OUT / stub.name).write_text(text, encoding="utf-8")
 
 
 class BuildPyWithProtos(build_py):
@@ -56,10 +64,17 @@ setup(
         "qis_beam",
         "qis_beam.proto",
         "qis_beam.transforms",
+        "qis_beam.store",
+        "qis_beam.service",
+        "qis_beam.report",
         "qis_beam.pipelines",
         "qis_beam.runners",
+        "qis_beam.stack",
     ],
-    package_data={"qis_beam.runners": ["*.yaml", "flink/*", "dataflow/*"]},
+    package_data={
+        "qis_beam.runners": ["*.yaml", "flink/*", "dataflow/*"],
+        "qis_beam.stack": ["pins.toml"],  # pinned engine artifacts (qis-beam stack fetch)
+    },
     cmdclass={"build_py": BuildPyWithProtos},
     install_requires=[
         "apache-beam[gcp]>=2.77.0,<2.78",
@@ -67,6 +82,20 @@ setup(
         "protobuf>=6.33.5,<7",
         "numpy>=1.26,<3",
         "pynacl>=1.5,<2",
+        # qis-beam report: PNG figures on the Agg canvas (no GUI toolkit needed).
+        "matplotlib>=3.8,<4",
+        # Serving (qis_beam/store, qis_beam/service): PostgreSQL store and the gRPC service.
+        # grpcio comes with Beam; health/reflection 1.81 match the grpcio-tools gencode and
+        # keep protobuf 6 (1.82+ require protobuf 7, which Beam 2.77 refuses).
+        "psycopg[binary]>=3.2,<4",
+        "psycopg-pool>=3.2,<4",
+        "grpcio>=1.81.1,<2",
+        "grpcio-health-checking>=1.81.1,<1.82",
+        "grpcio-reflection>=1.81.1,<1.82",
+        # Live transports (qis_beam/transports.py): the Kafka producer; Pub/Sub comes with [gcp].
+        "confluent-kafka>=2.6,<3",
+        # qis-beam stack fetch: download progress on a terminal.
+        "tqdm>=4.66,<5",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],

@@ -67,6 +67,39 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _transport_url(text: str):
+    from qis_beam.transports import parse_transport_url
+
+    try:
+        return parse_transport_url(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _rate(text: str) -> float:
+    from qis_beam.transports import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+_STORE_HELP = "store URL: sqlite:///PATH (or a path) or postgresql://USER@HOST:PORT/DB"
+
+
+def _store_url(text: str) -> str:
+    from qis_beam.store import store_kind
+    from qis_beam.store.url import sqlite_path
+
+    try:
+        if store_kind(text) == "sqlite":
+            sqlite_path(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def _add_profile(p: argparse.ArgumentParser) -> None:
     from qis_beam.runners.profiles import PROFILE_NAMES
 
@@ -91,7 +124,7 @@ def _add_pipeline_options(p: argparse.ArgumentParser, streaming: bool) -> None:
         "--dedupe-shards",
         type=_positive_int,
         default=1,
-        help="batch dedupe groups by packet_id (1 on one machine; e.g. 4x workers on a cluster)",
+        help="batch dedupe: at least this many packet_id shards (automatic: >= 512, by input size)",
     )
     g = p.add_argument_group("synthesis (spec sections 5-6)")
     g.add_argument("--window", type=_duration, default="1h", help="event-time window size")
@@ -125,11 +158,11 @@ def _build_parser() -> _Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("simulate", help="write a synthetic swarm's signed packet logs")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", help="output directory (with --live: nodes.txt and truth.json)")
     p.add_argument("--nodes", type=_positive_int, default=200)
     p.add_argument("--addresses", type=_positive_int, default=20)
     p.add_argument("--approaches", type=_positive_int, default=12)
-    p.add_argument("--packets", type=_positive_int, default=100_000)
+    p.add_argument("--packets", type=_positive_int, help="valid packets (default 100000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--duplicate-fraction", type=_fraction, default=0.01)
     p.add_argument("--malformed-fraction", type=_fraction, default=0.005)
@@ -139,15 +172,29 @@ def _build_parser() -> _Parser:
     p.add_argument(
         "--address-skew", type=float, default=0.0, help="zipf exponent of packets per address"
     )
+    g = p.add_argument_group("live mode (qis_beam/sim_live.py)")
+    g.add_argument("--live", action="store_true", help="send with current event times")
+    g.add_argument("--to", type=_transport_url, help="kafka://H:P/T, pubsub://projects/P/topics/T")
+    g.add_argument("--rate", type=_rate, default="500/s", help="records per time, e.g. 500/s")
+    g.add_argument("--duration", type=_duration, help="stop after this long (default: Ctrl-C)")
+
+    p = sub.add_parser("publish", help="send an existing packet log to a live transport")
+    p.add_argument("--input", required=True, help="glob of TFRecord packet logs")
+    p.add_argument("--to", required=True, type=_transport_url, help="transport URL")
+    p.add_argument("--rate", type=_rate, help="records per time (default: as fast as possible)")
 
     p = sub.add_parser("backfill", help="batch synthesis of packet logs (FnApiRunner by default)")
     p.add_argument("--input", required=True, help="glob of TFRecord packet logs (local or gs://)")
     p.add_argument("--output", required=True, help="output directory (local or gs://)")
     p.add_argument("--bigquery-table", help="also append synthesis rows to PROJECT:DATASET.TABLE")
+    p.add_argument(
+        "--store", type=_store_url, help=_STORE_HELP + " (default OUTPUT/intelligence.db)"
+    )
     _add_pipeline_options(p, streaming=False)
 
     p = sub.add_parser(
-        "replay", help="replay packet logs as a stream (TestStream, BundleBasedDirectRunner)"
+        "replay",
+        help="replay packet logs as a stream (TestStream, BundleBasedDirectRunner; not Prism)",
     )
     p.add_argument("--input", required=True, help="glob of TFRecord packet logs")
     p.add_argument("--output", required=True, help="output directory")
@@ -176,26 +223,77 @@ def _build_parser() -> _Parser:
         default="CreateTime",
         choices=["ProcessingTime", "CreateTime", "LogAppendTime"],
     )
+    p.add_argument(
+        "--kafka-reader",
+        choices=["native", "xlang"],
+        help="native: Python reader, any runner (default without --kafka-expansion-service); "
+        "xlang: Beam's ReadFromKafka (Java expansion service; Flink/Dataflow)",
+    )
+    p.add_argument("--kafka-group-id", help="native: commit offsets to this group, resume there")
+    p.add_argument(
+        "--kafka-watermark-delay",
+        type=_duration,
+        default="1m",
+        help="native: the watermark trails the newest record timestamp by this much",
+    )
+    p.add_argument(
+        "--kafka-stop-when-idle",
+        type=_duration,
+        help="native: end the job once the topic is drained and idle this long (tests)",
+    )
     p.add_argument("--timestamp-attribute", help="Pub/Sub attribute holding event time (ms)")
     p.add_argument("--output", required=True, help="output directory (local or gs://)")
-    p.add_argument("--flush-every", type=_duration, default="1m", help="output file period")
+    p.add_argument(
+        "--flush-every",
+        type=_duration,
+        default="5m",
+        help="period of the rolled output files: one file per output, shard and period",
+    )
     p.add_argument("--wait", action="store_true", help="block until the job ends")
     p.add_argument("--bigquery-table", help="also append synthesis rows to PROJECT:DATASET.TABLE")
+    p.add_argument("--store", type=_store_url, help=_STORE_HELP + ": upsert every snapshot")
     _add_pipeline_options(p, streaming=True)
 
     p = sub.add_parser("query", help="print the latest synthesis for an address")
-    p.add_argument("--store", required=True, help="path to intelligence.db")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--store", type=_store_url, help=_STORE_HELP)
+    where.add_argument("--server", help="HOST:PORT of a `qis-beam serve`")
+    p.add_argument("--token-file", help="with --server: file holding the bearer token")
+    p.add_argument("--tls-root-cert", help="with --server: PEM root certificate (turns TLS on)")
+    p.add_argument("--timeout", type=float, default=10.0, help="with --server: seconds")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--address", help="hex semantic address")
     target.add_argument("--template", help="template id; with --context computes the address")
     p.add_argument("--context", nargs="+", metavar="K=V", default=[], help="problem context pairs")
     p.add_argument("--window", action="store_true", help="list the address's windows instead")
 
+    p = sub.add_parser("serve", help="the gRPC query service over a store (qis.v1)")
+    p.add_argument("--store", required=True, type=_store_url, help=_STORE_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1 only)")
+    p.add_argument("--port", type=_non_negative_int, default=50051, help="0: any free port")
+    p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
+    p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--token-file", help="bearer tokens, one a line: every call needs one")
+    p.add_argument("--workers", type=_positive_int, default=8, help="concurrent calls")
+    p.add_argument(
+        "--processes", type=_positive_int, default=1, help="server processes sharing the port"
+    )
+
     p = sub.add_parser("demo", help="simulate a swarm, backfill it and query it (the main job)")
     p.add_argument("--out", default="qis-demo", help="working directory (default ./qis-demo)")
     p.add_argument("--packets", type=_positive_int, default=100_000)
     p.add_argument("--seed", type=int, default=0)
     _add_profile(p)
+
+    p = sub.add_parser("report", help="an offline HTML report with figures of a run's outputs")
+    p.add_argument("--output", required=True, help="a backfill/replay --output folder (local)")
+    p.add_argument("--truth", help="the simulator's truth.json: recommended vs true best")
+    p.add_argument("--to", help="report folder (default OUTPUT/report)")
+    p.add_argument("--max-addresses", type=_positive_int, help="addresses drawn in detail")
+
+    from qis_beam.stack.cli import add_stack_parser  # the local engines (qis_beam/stack)
+
+    add_stack_parser(sub)
     return parser
 
 
@@ -355,12 +453,18 @@ def cmd_simulate(args, beam_args) -> int:
         raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
     from qis_beam.simulate import SwarmConfig, simulate
 
+    if args.live and not args.to:
+        raise UsageError("--live needs --to URL")
+    if not args.live and (args.to or args.duration):
+        raise UsageError("--to and --duration need --live")
+    if not args.live and not args.out:
+        raise UsageError("the following arguments are required: --out")
     try:
         config = SwarmConfig(
             nodes=args.nodes,
             addresses=args.addresses,
             approaches=args.approaches,
-            packets=args.packets,
+            packets=args.packets or 100_000,
             seed=args.seed,
             duplicate_fraction=args.duplicate_fraction,
             malformed_fraction=args.malformed_fraction,
@@ -371,6 +475,10 @@ def cmd_simulate(args, beam_args) -> int:
         )
     except ValueError as error:
         raise UsageError(str(error)) from None
+    if args.live:
+        from qis_beam.sim_live import simulate_live_command
+
+        return simulate_live_command(config, args)
 
     def progress(done: int, total: int) -> None:
         if total >= 50_000:
@@ -389,6 +497,14 @@ def cmd_simulate(args, beam_args) -> int:
     return 0
 
 
+def cmd_publish(args, beam_args) -> int:
+    if beam_args:
+        raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
+    from qis_beam.sim_live import publish_command
+
+    return publish_command(_match_input(args.input), args)
+
+
 def cmd_backfill(args, beam_args) -> int:
     from qis_beam.jobs import pipeline_options, run_job
     from qis_beam.pipelines.backfill import build_backfill
@@ -401,6 +517,7 @@ def cmd_backfill(args, beam_args) -> int:
         lambda p: build_backfill(p, args.input, args.output, settings, args.bigquery_table),
         args.output,
         options,
+        store_url=args.store,
     )
     if summary.get("dry_run"):
         _print_dry_run(summary)
@@ -413,10 +530,18 @@ def cmd_replay(args, beam_args) -> int:
     from collections import Counter
 
     from qis_beam.jobs import run_replay
+    from qis_beam.replay import UnsupportedReplayRunner
+    from qis_beam.replay_speedups import UnsupportedBeamError
 
     beam_args = _beam_args(args, beam_args, streaming=True)
     paths = _match_input(args.input)
-    summary, records = run_replay(paths, args.output, _settings(args), beam_args)
+    try:
+        summary, records = run_replay(paths, args.output, _settings(args), beam_args)
+    except UnsupportedReplayRunner as error:
+        raise UsageError(str(error)) from None
+    except UnsupportedBeamError as error:
+        print(f"qis-beam replay: {error}", file=sys.stderr)
+        return 1
     _print_outputs(summary)
     panes = Counter(r["pane"]["timing"] for r in records if r["window_start_ms"] is not None)
     snapshots = sum(1 for r in records if r["window_start_ms"] is None)
@@ -448,6 +573,7 @@ def cmd_run(args, beam_args) -> int:
         kafka_expansion_service=args.kafka_expansion_service,
         timestamp_attribute=args.timestamp_attribute,
         flush_seconds=max(1, args.flush_every // 1000),
+        **_native_kafka_options(args),
     )
     settings = _settings(args, fixed_clock=False)
     import apache_beam as beam
@@ -458,12 +584,48 @@ def cmd_run(args, beam_args) -> int:
         _print_dry_run(translate_only(lambda p: build_run(p, *job), options))
         return 0
     pipeline = beam.Pipeline(options=options)
-    build_run(pipeline, *job)
+    build_run(pipeline, *job, store_url=args.store)
     result = pipeline.run()
     print(f"submitted the streaming job; state {result.state}; outputs under {args.output}")
     if args.wait:
-        result.wait_until_finish()
+        try:
+            result.wait_until_finish()
+        except KeyboardInterrupt:
+            # A local job on an unbounded source never ends by itself: Ctrl-C cancels it
+            # (output files flushed so far stay; see WriteJsonLinesContinuously).
+            result.cancel()
+            print("qis-beam run: interrupted; the job was cancelled", file=sys.stderr)
+            return 130
     return 0
+
+
+def _native_kafka_options(args) -> dict:
+    """SourceSettings fields of the native Kafka reader; flags that the chosen reader would
+    ignore are refused."""
+    reader = args.kafka_reader or ("xlang" if args.kafka_expansion_service else "native")
+    native_only = {
+        "--kafka-group-id": args.kafka_group_id,
+        "--kafka-stop-when-idle": args.kafka_stop_when_idle,
+    }
+    if reader == "xlang" or args.source != "kafka":
+        used = [flag for flag, value in native_only.items() if value is not None]
+        if used:
+            raise UsageError(f"{used[0]} needs --source kafka --kafka-reader native")
+        return {"kafka_reader": reader}
+    if args.kafka_expansion_service:
+        raise UsageError("--kafka-expansion-service needs --kafka-reader xlang")
+    if args.kafka_timestamp_policy == "ProcessingTime":
+        raise UsageError(
+            "--kafka-reader native uses the record timestamps (CreateTime or LogAppendTime)"
+        )
+    return {
+        "kafka_reader": reader,
+        "kafka_group_id": args.kafka_group_id,
+        "kafka_watermark_delay_ms": args.kafka_watermark_delay,
+        "kafka_stop_when_idle_s": (
+            None if args.kafka_stop_when_idle is None else args.kafka_stop_when_idle / 1000
+        ),
+    }
 
 
 def _check_pubsub_names(topic: str | None, subscription: str | None) -> None:
@@ -503,21 +665,39 @@ def _query_address(args) -> str:
 def cmd_query(args, beam_args) -> int:
     if beam_args:
         raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
-    from qis_beam.store import IntelligenceStore, StoreNotFound
+    from qis_beam.store import StoreNotFound, StoreUnavailable, open_store
 
     address = _query_address(args)
+    if args.server:
+        from qis_beam.service.commands import query_server
+
+        return query_server(args, address)
     try:
-        store = IntelligenceStore(args.store)
+        with open_store(args.store) as store:
+            result = store.windows(address) if args.window else store.latest(address)
     except StoreNotFound as error:
         print(f"qis-beam query: {error}", file=sys.stderr)
         return EXIT_NOT_FOUND
-    with store:
-        result = store.windows(address) if args.window else store.latest(address)
+    except StoreUnavailable as error:
+        print(f"qis-beam query: {error}", file=sys.stderr)
+        return 1
     if not result:
         print(f"qis-beam query: no synthesis for address {address}", file=sys.stderr)
         return EXIT_NOT_FOUND
     print(json.dumps(result, indent=2))
     return 0
+
+
+def cmd_serve(args, beam_args) -> int:
+    if beam_args:
+        raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
+    from qis_beam.service.commands import serve, serve_config
+
+    try:
+        config = serve_config(args)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return serve(args, config)
 
 
 def cmd_demo(args, beam_args) -> int:
@@ -527,14 +707,41 @@ def cmd_demo(args, beam_args) -> int:
     return run_demo(args.out, packets=args.packets, seed=args.seed, beam_args=beam_args)
 
 
+def cmd_report(args, beam_args) -> int:
+    if beam_args:
+        raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
+    from qis_beam.report import BadTruth, NoOutputs, write_report
+
+    try:
+        limit = {"max_addresses": args.max_addresses} if args.max_addresses else {}
+        path = write_report(args.output, args.to, args.truth, **limit)
+    except BadTruth as error:
+        raise UsageError(str(error)) from None
+    except NoOutputs as error:
+        print(f"qis-beam report: {error}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    print(path)
+    return 0
+
+
 COMMANDS = {
     "simulate": cmd_simulate,
+    "publish": cmd_publish,
     "backfill": cmd_backfill,
     "replay": cmd_replay,
     "run": cmd_run,
     "query": cmd_query,
+    "serve": cmd_serve,
     "demo": cmd_demo,
+    "report": cmd_report,
+    "stack": lambda args, beam_args: _cmd_stack(args, beam_args),
 }
+
+
+def _cmd_stack(args, beam_args) -> int:
+    from qis_beam.stack.cli import cmd_stack
+
+    return cmd_stack(args, beam_args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
