@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -183,7 +183,7 @@ def add_taskmanager(state_dir: Path, timeout: float = 120.0, tie_to_caller: bool
     piece = pieces.get("flink")
     if piece is None:
         raise StackError(f"no Flink recorded in {state_dir}")
-    piece.procs = [p for p in piece.procs if alive(p) or not p.role.startswith("taskmanager")]
+    _drop_dead_taskmanagers(piece)
     numbers = [
         int(p.role.rsplit("-", 1)[1]) for p in piece.procs if p.role.startswith("taskmanager")
     ]
@@ -197,9 +197,23 @@ def add_taskmanager(state_dir: Path, timeout: float = 120.0, tie_to_caller: bool
     piece.procs.append(proc)
     piece.data["taskmanagers"] = str(number)
     pieces["flink"] = piece
+    save(state_dir, pieces)  # recorded before the wait, so `down` stops it if it fails
+    # Only the JobManager and the new TaskManager must stay up: a TaskManager killed just
+    # before this call (a signal is delivered asynchronously) is dropped, not a failure, and
+    # the JobManager must list exactly the live ones.
+    watched = replace(piece, procs=[p for p in piece.procs if not _is_taskmanager(p)] + [proc])
+    wait_healthy(watched, lambda _: flink.healthy(_drop_dead_taskmanagers(piece)), timeout)
     save(state_dir, pieces)
-    wait_healthy(piece, flink.healthy, timeout)
     return proc
+
+
+def _is_taskmanager(proc: Proc) -> bool:
+    return proc.role.startswith("taskmanager")
+
+
+def _drop_dead_taskmanagers(piece: Piece) -> Piece:
+    piece.procs = [p for p in piece.procs if alive(p) or not _is_taskmanager(p)]
+    return piece
 
 
 __all__ = [
