@@ -179,8 +179,11 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def kafka_run(kafka_bootstrap, prism_path, tmp_path_factory):
-    """Two-phase publish, a native-reader run on Prism, and a backfill of the same records."""
+def kafka_run(kafka_bootstrap, prism_path, postgres_url, tmp_path_factory):
+    """Two-phase publish, a native-reader run on Prism writing its snapshots into PostgreSQL,
+    and a backfill of the same records."""
+    from pg_local import fresh_database
+
     from qis_beam.sim_live import log_records
     from qis_beam.simulate import SwarmConfig, simulate
     from qis_beam.stack.kafka import create_topic
@@ -224,6 +227,7 @@ def kafka_run(kafka_bootstrap, prism_path, tmp_path_factory):
     phase1_ends = _end_offsets(kafka_bootstrap, topic, partitions)
 
     stream = work / "stream"
+    store_url = fresh_database(postgres_url)
     command = [
         sys.executable,
         "-m",
@@ -241,6 +245,8 @@ def kafka_run(kafka_bootstrap, prism_path, tmp_path_factory):
         "10s",
         "--output",
         str(stream),
+        "--store",
+        store_url,
         "--flush-every",
         "1s",
         "--node-registry",
@@ -298,6 +304,7 @@ def kafka_run(kafka_bootstrap, prism_path, tmp_path_factory):
         "work": work,
         "topic": topic,
         "returncode": process.returncode,
+        "store_url": store_url,
         "log": run_log,
         "phase1_read": phase1_read,
         "published": len(phase1) + len(phase2),
@@ -371,3 +378,33 @@ def test_kafka_run_all_time_snapshots_equal_the_backfill(kafka_run):
     for record in finals:
         expected = {k: v for k, v in batch[record["address"]].items() if k != "pane"}
         assert _close({k: v for k, v in record.items() if k != "pane"}, expected)
+
+
+@pytest.mark.slow
+def test_the_stream_served_over_grpc_answers_what_the_backfill_computed(kafka_run):
+    """The loop closed: Kafka -> run on Prism -> PostgreSQL (upserted while streaming) ->
+    qis-beam serve -> the node's client; every address's answer equals the backfill."""
+    from qis_beam.client import IntelligenceClient
+    from qis_beam.service.server import ServeConfig, start_server
+    from qis_beam.store import open_store
+    from qis_beam.transforms.outputs import read_json_lines
+
+    assert kafka_run["returncode"] == 0, kafka_run["log"][-3000:]
+    batch = list(read_json_lines(str(kafka_run["work"] / "batch"), "synthesis"))
+    all_time = {r["address"]: r for r in batch if r["window_start_ms"] is None}
+    windows = collections.Counter(r["address"] for r in batch if r["window_start_ms"] is not None)
+
+    def fields(record):
+        return {k: v for k, v in record.items() if k not in ("pane", "provenance")}
+
+    store = open_store(kafka_run["store_url"])
+    server = start_server(store, ServeConfig(port=0))
+    try:
+        with IntelligenceClient(f"127.0.0.1:{server.port}") as client:
+            for address, expected in all_time.items():
+                answer = client.synthesis(address).to_record()
+                assert _close(fields(answer), fields(expected)), address
+                assert len(client.windows(address)) == windows[address], address
+    finally:
+        server.stop()
+        store.close()
