@@ -751,8 +751,13 @@ def run_sum_pipeline(args: list[str]) -> None:
         assert_that(totals, equal_to([("a", 4), ("b", 2)]))
 
 
+# Beam's Flink job server jar is not served where this project is built (Maven Central answers
+# 404; qis_beam/stack/pins.toml [unavailable]), so these run only where a user supplies it.
+_NO_JOB_SERVER = "Beam's Flink job server jar is not obtainable here; set QIS_FLINK_JOB_SERVER_JAR"
+
+
 @pytest.mark.flink
-@pytest.mark.skipif(not FLINK_JAR, reason="set QIS_FLINK_JOB_SERVER_JAR to the job-server jar")
+@pytest.mark.skipif(not FLINK_JAR, reason=_NO_JOB_SERVER)
 def test_flink_embedded_cluster_from_job_server_jar():
     """FlinkRunner with an embedded Flink started from the jar (needs Java, no cluster)."""
     if shutil.which("java") is None:
@@ -770,7 +775,9 @@ def test_flink_embedded_cluster_from_job_server_jar():
 
 
 @pytest.mark.flink
-@pytest.mark.skipif(not FLINK_MASTER, reason="set QIS_FLINK_MASTER (e.g. localhost:8081)")
+@pytest.mark.skipif(
+    not FLINK_MASTER, reason=_NO_JOB_SERVER + " and QIS_FLINK_MASTER (e.g. the stack's Flink)"
+)
 def test_flink_cluster_with_the_flink_profile():
     """The `flink` profile against a running cluster (runners/flink/docker-compose.yaml)."""
     explicit = [f"--flink_master={FLINK_MASTER}"]
