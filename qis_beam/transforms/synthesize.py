@@ -329,14 +329,17 @@ class MergeWindowPartials(beam.PTransform):
         self._fanout = hot_key_fanout
 
     def expand(self, partials):
-        merge = beam.CombinePerKey(_MergeOwnedPartialsFn())
-        if self._fanout > 1:
-            merge = merge.with_hot_key_fanout(self._fanout)
+        merge = _merge_owned_partials(self._fanout)
         return (
             partials
             | "MergePerAddressWindow" >> merge.with_output_types(tuple[str, Synthesis])
             | "FormatWindowed" >> beam.ParDo(_FormatKeyedWindowFn(self._params))
         )
+
+
+def _merge_owned_partials(hot_key_fanout: int) -> beam.CombinePerKey:
+    merge = beam.CombinePerKey(_MergeOwnedPartialsFn())
+    return merge.with_hot_key_fanout(hot_key_fanout) if hot_key_fanout > 1 else merge
 
 
 class SynthesizeAllTime(beam.PTransform):
@@ -348,9 +351,7 @@ class SynthesizeAllTime(beam.PTransform):
         self._fanout = hot_key_fanout
 
     def expand(self, partials):
-        merge = beam.CombinePerKey(_MergeOwnedPartialsFn())
-        if self._fanout > 1:
-            merge = merge.with_hot_key_fanout(self._fanout)
+        merge = _merge_owned_partials(self._fanout)
         return (
             partials
             | "MergePerAddress" >> merge.with_output_types(tuple[str, Synthesis])
