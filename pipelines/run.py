@@ -39,6 +39,7 @@ class SourceSettings:
     kafka_stop_when_idle_s: float | None = None  # native: end the job once drained (tests)
     timestamp_attribute: str | None = None  # Pub/Sub only
     flush_seconds: int = 60  # how often output files are written
+    output_shards: int = 1  # files per output and flush: raise it when one writer cannot keep up
 
 
 def kafka_reader(source: SourceSettings) -> str:
@@ -105,7 +106,9 @@ def build_run(
     records = read_envelopes(pipeline, source)
 
     def write(directory: str, prefix: str):
-        return WriteJsonLinesContinuously(directory, prefix, source.flush_seconds)
+        return WriteJsonLinesContinuously(
+            directory, prefix, source.flush_seconds, source.output_shards
+        )
 
     build_streaming_graph(
         records,

@@ -249,6 +249,12 @@ def _build_parser() -> _Parser:
         default="5m",
         help="period of the rolled output files: one file per output, shard and period",
     )
+    p.add_argument(
+        "--output-shards",
+        type=_positive_int,
+        default=1,
+        help="files per output and period, written in parallel (raise it on a busy cluster)",
+    )
     p.add_argument("--wait", action="store_true", help="block until the job ends")
     p.add_argument("--bigquery-table", help="also append synthesis rows to PROJECT:DATASET.TABLE")
     p.add_argument("--store", type=_store_url, help=_STORE_HELP + ": upsert every snapshot")
@@ -573,6 +579,7 @@ def cmd_run(args, beam_args) -> int:
         kafka_expansion_service=args.kafka_expansion_service,
         timestamp_attribute=args.timestamp_attribute,
         flush_seconds=max(1, args.flush_every // 1000),
+        output_shards=args.output_shards,
         **_native_kafka_options(args),
     )
     settings = _settings(args, fixed_clock=False)

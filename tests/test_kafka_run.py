@@ -249,6 +249,8 @@ def kafka_run(kafka_bootstrap, prism_path, postgres_url, tmp_path_factory):
         store_url,
         "--flush-every",
         "1s",
+        "--output-shards",
+        "2",
         "--node-registry",
         str(work / "swarm" / "nodes.txt"),
         "--early-firing-count",
@@ -340,6 +342,10 @@ def test_kafka_run_on_prism_equals_a_backfill_of_the_same_packets(kafka_run):
     assert windowed, "no windowed synthesis"
     for key, record in windowed.items():
         assert _close(strip_pane(record), strip_pane(batch_by_key[key])), key
+
+    # --output-shards 2: each flush writes a file per shard, both shards in use.
+    names = [p.name for p in (work / "stream").glob("synthesis-*.jsonl")]
+    assert {n.rsplit("-", 3)[-3] for n in names} == {"00000", "00001"}, names
 
     # Dead letters: the same reasons and counts as the backfill, named by the topic.
     dead = [d for d in read_json_lines(str(work / "stream"), "dead_letters")]
