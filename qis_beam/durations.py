@@ -14,10 +14,3 @@ def parse_duration_ms(text: str) -> int:
     if not match:
         raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 10m, 1h, 7d)")
     return round(float(match.group(1)) * _UNITS_MS[match.group(2)])
-
-
-def format_duration_ms(ms: int) -> str:
-    for unit in ("d", "h", "m", "s"):
-        if ms and ms % _UNITS_MS[unit] == 0:
-            return f"{ms // _UNITS_MS[unit]}{unit}"
-    return f"{ms}ms"

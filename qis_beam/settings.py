@@ -41,7 +41,6 @@ class StreamSettings:
     emit_every_ms: int = 10 * 60_000  # all-time snapshots at most this often (event time)
     state_ttl_ms: int = 7 * 24 * HOUR_MS  # forget addresses idle for longer
     dedupe_ttl_ms: int = 24 * HOUR_MS
-    dedupe_buckets: int = 256  # keys of the streaming dedupe state (packet_id buckets)
     watermark_delay_ms: int = 60_000  # replay: watermark trails the latest emit time by this
 
 

@@ -59,7 +59,6 @@ import numpy as np
 from qis_beam.proto import state_pb2
 
 OUTCOME_NAMES = {1: "RESOLVED", 2: "PARTIAL", 3: "CONTRADICTED", 4: "OPEN"}
-SUCCESS_SCORE = {1: 1.0, 2: 0.5, 3: 0.0}  # OPEN (4) takes no part in the posterior
 NODE_SKETCH_K = 4096  # distinct nodes counted exactly up to this many per address
 APPROACH_NODE_SKETCH_K = 1024  # ... and up to this many per approach
 MAX_TRACKED_APPROACHES = 256  # per address
