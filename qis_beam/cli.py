@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from qis_beam.beam_internals import UnsupportedBeamError
 from qis_beam.durations import parse_duration_ms
 
 EXIT_USAGE = 2
@@ -537,7 +538,6 @@ def cmd_replay(args, beam_args) -> int:
 
     from qis_beam.jobs import run_replay
     from qis_beam.replay import UnsupportedReplayRunner
-    from qis_beam.replay_speedups import UnsupportedBeamError
 
     beam_args = _beam_args(args, beam_args, streaming=True)
     paths = _match_input(args.input)
@@ -545,9 +545,6 @@ def cmd_replay(args, beam_args) -> int:
         summary, records = run_replay(paths, args.output, _settings(args), beam_args)
     except UnsupportedReplayRunner as error:
         raise UsageError(str(error)) from None
-    except UnsupportedBeamError as error:
-        print(f"qis-beam replay: {error}", file=sys.stderr)
-        return 1
     _print_outputs(summary)
     panes = Counter(r["pane"]["timing"] for r in records if r["window_start_ms"] is not None)
     snapshots = sum(1 for r in records if r["window_start_ms"] is None)
@@ -763,6 +760,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = f"qis-beam {args.command}: {message}"
         print(message, file=sys.stderr)
         return EXIT_USAGE
+    except UnsupportedBeamError as error:  # an environment problem, not a usage error
+        print(f"qis-beam {args.command}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def run_replay(
 
     from qis_beam.pipelines.replay import build_replay
     from qis_beam.replay import check_replay_runner
-    from qis_beam.replay_speedups import indexed_direct_timers, memoised_dofn_specs
+    from qis_beam.beam_internals.replay_speedups import indexed_direct_timers, memoised_dofn_specs
 
     options = pipeline_options(beam_args, default_runner="BundleBasedDirectRunner", streaming=True)
     runner = check_replay_runner(options.view_as(StandardOptions).runner)

@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.tfrecordio import _TFRecordUtil
 
-_masked_crc32c = _TFRecordUtil._masked_crc32c
+from qis_beam.beam_internals import tfrecord_util
+
+_masked_crc32c = tfrecord_util()._masked_crc32c
 _HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")
 
@@ -30,7 +31,7 @@ class CorruptRecordFile(Exception):
 
 
 def write_record(handle: BinaryIO, record: bytes) -> None:
-    _TFRecordUtil.write_record(handle, record)
+    tfrecord_util().write_record(handle, record)
 
 
 def iter_records(data: bytes) -> Iterator[bytes]:

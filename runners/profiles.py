@@ -47,6 +47,8 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from qis_beam.beam_internals import option_dest, pipeline_option_parser
+
 __all__ = [
     "BEAM_VERSION",
     "FLINK_VERSION",
@@ -321,31 +323,12 @@ def profile_args(name: str, streaming: bool) -> list[str]:
     return _format(profile_options(name, streaming))
 
 
-_PARSER = None
-
-
-def _beam_parser():
-    """An argument parser holding every Beam pipeline option of the installed SDK."""
-    global _PARSER
-    if _PARSER is None:
-        from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
-
-        parser = _BeamArgumentParser(allow_abbrev=False)
-        for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
-            cls._add_argparse_args(parser)
-        _PARSER = parser
-    return _PARSER
-
-
 def _dest(token: str) -> str | None:
     """The option a ``--flag[=value]`` token sets (aliases resolved), or None for a value."""
     if not token.startswith("--") or token == "--":
         return None
     flag = token.split("=", 1)[0]
-    action = _beam_parser()._option_string_actions.get(flag)
-    if action is not None:
-        return action.dest
-    return flag[2:].replace("-", "_")
+    return option_dest(flag) or flag[2:].replace("-", "_")
 
 
 #: Overriding the key also drops these profile options (they only make sense with the
@@ -389,7 +372,7 @@ def unrecognized_args(args: Sequence[str]) -> list[str]:
     ``--flink_version``). A Flink runner option given as two tokens takes its value along.
     """
     try:
-        _, unknown = _beam_parser().parse_known_args(list(args))
+        _, unknown = pipeline_option_parser().parse_known_args(list(args))
     except SystemExit:
         raise ValueError(f"bad Beam pipeline option value in: {' '.join(args)}") from None
     rest: list[str] = []

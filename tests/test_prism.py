@@ -27,10 +27,11 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 from conftest import HOUR_MS, T0_MS, _stack_piece, make_record, node_key
 
+from qis_beam.beam_internals import UnsupportedBeamError
+from qis_beam.beam_internals.replay_speedups import memoised_dofn_specs
 from qis_beam.cli import main
 from qis_beam.pipelines.streaming import build_streaming_graph
 from qis_beam.replay import UnsupportedReplayRunner, check_replay_runner
-from qis_beam.replay_speedups import UnsupportedBeamError, memoised_dofn_specs
 from qis_beam.settings import Settings, StreamSettings, WindowSettings
 from qis_beam.transforms.outputs import WriteJsonLinesOnDrain, read_json_lines
 from qis_beam.validation import ValidationPolicy

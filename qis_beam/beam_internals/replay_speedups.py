@@ -24,30 +24,9 @@ import heapq
 import threading
 from collections.abc import Iterator
 
-# Beam minor versions whose ``userstate`` / ``transform_evaluator`` internals were checked.
-SUPPORTED_BEAM_MINORS = ("2.77",)
+from qis_beam.beam_internals import UnsupportedBeamError, check_beam_version
 
 _lock = threading.Lock()  # one replay at a time may hold the patch
-
-
-class UnsupportedBeamError(RuntimeError):
-    """The installed Beam is not one whose internals the speed-up was checked against."""
-
-
-def check_beam_version(version: str | None = None) -> None:
-    if version is None:
-        import apache_beam
-
-        version = apache_beam.__version__
-    minor = ".".join(version.split(".")[:2])
-    if minor not in SUPPORTED_BEAM_MINORS:
-        supported = ", ".join(f"{m}.x" for m in SUPPORTED_BEAM_MINORS)
-        raise UnsupportedBeamError(
-            f"replay's DirectRunner speed-up patches Beam internals checked only on "
-            f"apache-beam {supported}, found {version}: install "
-            f"'apache-beam[gcp]=={SUPPORTED_BEAM_MINORS[-1]}.*' or re-check "
-            f"qis_beam/replay_speedups.py against this Beam"
-        )
 
 
 @contextlib.contextmanager
