@@ -1,12 +1,14 @@
-"""Synthesis math (spec section 5): formulas, ranking, mergeability, encoding and caps."""
+"""Synthesis math (spec section 5): formulas, ranking, mergeability and caps.
+
+No Beam runner is involved: the accumulator is plain Python (the pipelines' CombineFns and
+stateful DoFns are tested elsewhere, on the FnApiRunner and PrismRunner). The byte encoding is
+tested in test_synthesis_encoding.py, the distinct-node sketch in test_sketch.py.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
+import functools
 import math
-import pickle
 import random
 import struct
 
@@ -14,13 +16,28 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from synthesis_helpers import (
+    ALL,
+    CONTRADICTED,
+    KEYS,
+    OPEN,
+    PARTIAL,
+    RESOLVED,
+    assert_close,
+    assert_plain_json,
+    fold,
+    fold_columns,
+    nid,
+    packet_st,
+    same_state,
+    split_fold_merge,
+    state_of,
+    tracked,
+)
 
-from qis_beam import synthesis
-from qis_beam.proto import state_pb2
 from qis_beam.synthesis import (
     MAX_TRACKED_APPROACHES,
     NODE_SKETCH_K,
-    OUTCOME_NAMES,
     Synthesis,
     SynthesisParams,
     approach_hash,
@@ -28,89 +45,8 @@ from qis_beam.synthesis import (
     node_hash_array,
     synthesize_columns,
 )
-
-RESOLVED, PARTIAL, CONTRADICTED, OPEN = 1, 2, 3, 4
-KEYS = {
-    "n_packets",
-    "n_nodes",
-    "synthesis_paths",
-    "total_weight",
-    "mean_delta",
-    "delta_variance",
-    "success_alpha",
-    "success_beta",
-    "success_mean",
-    "outcome_counts",
-    "approaches",
-    "recommended_approach",
-    "first_event_ms",
-    "last_event_ms",
-    "suppressed",
-}
-ALL = SynthesisParams(min_support=1, top_k=1000, min_nodes=0)
-
-
-def nid(i: int) -> bytes:
-    """A node id as the spec makes them: a SHA-256 prefix (so hashes are uniform)."""
-    return hashlib.sha256(i.to_bytes(8, "big")).digest()[:16]
-
-
-def fold(packets, synthesis: Synthesis | None = None) -> Synthesis:
-    """Packets are (node, approach, outcome, delta, confidence, event_ms, template)."""
-    s = synthesis if synthesis is not None else Synthesis()
-    for node, approach, outcome, delta, conf, t, template in packets:
-        s.add(nid(node), approach, outcome, delta, conf, t, template)
-    return s
-
-
-def fold_columns(packets, synthesis: Synthesis | None = None) -> Synthesis:
-    s = synthesis if synthesis is not None else Synthesis()
-    by_template: dict[str, list] = {}
-    for p in packets:
-        by_template.setdefault(p[6], []).append(p)
-    for template, ps in by_template.items():
-        s.add_columns(
-            node_hash_array([nid(p[0]) for p in ps]),
-            [p[1] for p in ps],
-            np.array([p[2] for p in ps]),
-            np.array([p[3] for p in ps], dtype=np.float64),
-            np.array([p[4] for p in ps], dtype=np.float64),
-            np.array([p[5] for p in ps], dtype=np.int64),
-            template,
-        )
-    return s
-
-
-def assert_close(a, b, path="record"):
-    """Equal, floats within rel 1e-9 / abs 1e-9; the types must agree too (JSON-ready)."""
-    if isinstance(a, float) or isinstance(b, float):
-        assert type(a) is float and type(b) is float, (path, a, b)
-        assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9), (path, a, b)
-    elif isinstance(a, dict):
-        assert type(b) is dict and a.keys() == b.keys(), (path, a, b)
-        for k in a:
-            assert_close(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list):
-        assert type(b) is list and len(a) == len(b), (path, a, b)
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_close(x, y, f"{path}[{i}]")
-    else:
-        assert type(a) is type(b) and a == b, (path, a, b)
-
-
-def assert_plain_json(value):
-    """Only Python scalars, lists, dicts and None: no numpy types anywhere."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            assert type(k) is str
-            assert_plain_json(v)
-    elif isinstance(value, list):
-        for v in value:
-            assert_plain_json(v)
-    else:
-        assert value is None or type(value) in (int, float, str, bool), (value, type(value))
-    json.dumps(value)
-
+from qis_beam.synthesis.ranking import rank_key, rank_round
+from qis_beam.wire import OUTCOME_NAMES
 
 # ------------------------------------------------------------------------ hand-computed cases
 
@@ -225,7 +161,6 @@ def test_empty_synthesis_extracts_cleanly():
     assert r["approaches"] == [] and r["recommended_approach"] is None
     assert r["outcome_counts"] == {name: 0 for name in OUTCOME_NAMES.values()}
     assert_plain_json(r)
-    assert Synthesis.merge_all([]).n_packets == 0
 
 
 def test_min_nodes_suppression_keeps_only_counts():
@@ -337,32 +272,6 @@ def test_ranking_ignores_summation_order_noise():
 
 # ------------------------------------------------------------------------------- mergeability
 
-packet_st = st.tuples(
-    st.integers(0, 9),  # node
-    st.sampled_from(["a", "b", "c", "d"]),
-    st.integers(1, 4),
-    st.one_of(st.floats(-100, 100), st.integers(-5, 5).map(float)),
-    st.one_of(st.just(0.0), st.sampled_from([0.25, 0.5, 1.0]), st.floats(0.01, 1.0)),
-    st.integers(1, 10**13),
-    st.sampled_from(["t1", "t2"]),
-)
-
-
-def split_fold_merge(packets, cuts, modes, order_seed, **caps) -> Synthesis:
-    """Fold random parts (each by add or add_columns), then merge them in a random tree."""
-    bounds = sorted({0, len(packets), *(c % (len(packets) + 1) for c in cuts)})
-    parts = []
-    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
-        folder = fold_columns if modes[i % len(modes)] else fold
-        parts.append(folder(packets[lo:hi], Synthesis(**caps)))
-    parts.append(Synthesis(**caps))  # an empty part must be neutral
-    rng = random.Random(order_seed)
-    while len(parts) > 1:
-        i, j = rng.sample(range(len(parts)), 2)
-        merged = parts[i].merge(parts[j]) if rng.random() < 0.5 else parts[i].copy().merge(parts[j])
-        parts = [p for k, p in enumerate(parts) if k not in (i, j)] + [merged]
-    return parts[0]
-
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
@@ -377,7 +286,8 @@ def test_any_split_and_merge_order_equals_one_pass(packets, cuts, modes, order_s
     assert_close(merged.extract(ALL), one.extract(ALL))
     assert_close(merged.extract(), one.extract())
     assert merged.template_id == one.template_id
-    assert Synthesis.merge_all([fold(packets[:3]), fold(packets[3:])]).n_packets == len(packets)
+    halves = [fold(packets[: len(packets) // 2]), fold(packets[len(packets) // 2 :])]
+    assert_close(functools.reduce(Synthesis.merge, halves, Synthesis()).extract(), one.extract())
 
 
 @settings(max_examples=60, deadline=None)
@@ -403,28 +313,12 @@ def test_small_caps_merge_to_the_same_bottom_k(packets, cuts, modes, order_seed)
     caps = {"node_k": 8, "approach_node_k": 4, "max_approaches": 2}
     one = fold(packets, Synthesis(**caps))
     merged = split_fold_merge(packets, cuts, modes, order_seed, **caps)
-    assert merged.to_bytes() == one.to_bytes() or _same_state(merged, one)
+    assert merged.to_bytes() == one.to_bytes() or same_state(merged, one)
     assert_close(merged.extract(ALL), one.extract(ALL))
     exact = np.unique(node_hash_array([nid(p[0]) for p in packets]))
     assert state_of(one).node_hashes == exact[:8].tolist()
     seen = sorted({p[1] for p in packets}, key=lambda a: (approach_hash(a), a))
-    assert merged.tracked_approaches == one.tracked_approaches == sorted(seen[:2])
-
-
-def state_of(s: Synthesis) -> state_pb2.SynthesisState:
-    st_ = state_pb2.SynthesisState()
-    st_.ParseFromString(s.to_bytes())
-    return st_
-
-
-def _same_state(a: Synthesis, b: Synthesis) -> bool:
-    """Equal encodings up to float rounding of the sums (integers and hashes exactly)."""
-    x, y = state_of(a), state_of(b)
-    assert x.node_hashes == y.node_hashes and x.outcome_counts == y.outcome_counts
-    assert [p.approach_id for p in x.approaches] == [p.approach_id for p in y.approaches]
-    for p, q in zip(x.approaches, y.approaches, strict=True):
-        assert p.node_hashes == q.node_hashes and p.n_packets == q.n_packets
-    return True
+    assert tracked(merged) == tracked(one) == sorted(seen[:2])
 
 
 @settings(max_examples=60, deadline=None)
@@ -472,43 +366,6 @@ def test_synthesize_columns_accepts_codes_and_vocabulary():
     assert got["y"].template_id == "t"
 
 
-# ----------------------------------------------------------------------------------- encoding
-
-
-def test_bytes_round_trip():
-    s = fold_columns(
-        [(i % 7, f"ap{i % 3}", 1 + i % 4, i / 3, (i % 5) / 4, 1000 + i, "t") for i in range(50)]
-    )
-    s = fold([(99, "ap9", RESOLVED, 2.5, 0.75, 5, "s")], s)  # sets and arrays mixed
-    data = s.to_bytes()
-    back = Synthesis.from_bytes(data)
-    assert back.extract(ALL) == s.extract(ALL)
-    assert back.template_id == "s"
-    assert back.to_bytes() == data  # canonical encoding
-    assert pickle.loads(pickle.dumps(s)).extract(ALL) == s.extract(ALL)
-    # the decoded state keeps accumulating like the original
-    more = [(100, "ap1", PARTIAL, -1.0, 0.5, 7, "t")]
-    assert_close(fold(more, back).extract(ALL), fold(more, s).extract(ALL))
-    assert state_of(s).encoding_version == 1
-
-
-def test_empty_round_trip():
-    back = Synthesis.from_bytes(Synthesis().to_bytes())
-    assert back.extract(SynthesisParams(min_nodes=0)) == Synthesis().extract(
-        SynthesisParams(min_nodes=0)
-    )
-    assert back.template_id is None
-
-
-def test_unknown_encoding_version_is_rejected():
-    with pytest.raises(ValueError, match="encoding_version"):
-        Synthesis.from_bytes(state_pb2.SynthesisState(encoding_version=2).SerializeToString())
-    with pytest.raises(ValueError):
-        Synthesis.from_bytes(b"")  # version 0
-    with pytest.raises(ValueError):
-        Synthesis.from_bytes(b"\xff\xff\xff")
-
-
 # ----------------------------------------------------------------------------------- the caps
 
 
@@ -516,7 +373,6 @@ def test_node_count_exact_below_k_and_estimated_above():
     k = 256
     s = fold([(i, "a", RESOLVED, 0.0, 1.0, 1, "t") for i in range(k - 1)], Synthesis(node_k=k))
     assert s.n_nodes == k - 1
-    assert NODE_SKETCH_K == 4096
     # Default K: 40 000 distinct nodes (relative error ~ 1/sqrt(K) = 1.6%).
     n = 40_000
     hashes = node_hash_array([nid(i) for i in range(n)])
@@ -561,7 +417,7 @@ def test_approach_cap_is_deterministic_under_any_merge_order():
         (i % 11, approaches[(i * 7) % 20], 1 + i % 4, float(i % 5), 0.5, i, "t") for i in range(400)
     ]
     one = fold(packets, Synthesis(max_approaches=cap))
-    assert one.tracked_approaches == sorted(expected)
+    assert tracked(one) == sorted(expected)
     for seed in range(5):
         merged = split_fold_merge(
             packets,
@@ -570,285 +426,23 @@ def test_approach_cap_is_deterministic_under_any_merge_order():
             seed,
             max_approaches=cap,
         )
-        assert merged.tracked_approaches == sorted(expected)
+        assert tracked(merged) == sorted(expected)
         assert_close(merged.extract(ALL), one.extract(ALL))
     # untracked approaches still count at address level
     r = one.extract(ALL)
     assert r["n_packets"] == 400
     assert sum(a["n_packets"] for a in r["approaches"]) == 400 * cap // 20
-    assert MAX_TRACKED_APPROACHES == 256
+    # the default cap bounds a real accumulator too
+    n = MAX_TRACKED_APPROACHES + 9
+    many = fold([(i, f"ap{i}", RESOLVED, 0.0, 1.0, i, "t") for i in range(n)])
+    assert len(tracked(many)) == MAX_TRACKED_APPROACHES
     # decoding with a smaller cap keeps the same deterministic choice
-    back = Synthesis.from_bytes(one.to_bytes(), max_approaches=2)
-    assert back.tracked_approaches == sorted(expected[:2])
+    for m in range(cap + 1):
+        back = Synthesis.from_bytes(one.to_bytes(), max_approaches=m)
+        assert tracked(back) == sorted(expected[:m])
 
 
-# ------------------------------------------------------------------- fast paths = reference
-# Sketches switch between sets, tuples and arrays, and merges between Python sets and numpy;
-# decoding keeps canonical sketches as they are: none of it may show in a result or encoding.
-
-
-def reference_bytes(s: Synthesis) -> bytes:
-    """The state encoded from first principles: every sketch's K smallest hashes, sorted."""
-    st_ = state_pb2.SynthesisState(
-        encoding_version=1,
-        template_id=s.template_id or "",
-        n_packets=s.n_packets,
-        total_weight=s.total_weight,
-        mean_delta=s.mean_delta,
-        m2_delta=s.m2_delta,
-        success_sum=s.success_sum,
-        failure_sum=s.failure_sum,
-        outcome_counts=s.outcome_counts,
-        node_hashes=sorted(map(int, s._nodes))[: s.node_k],
-    )
-    if s.n_packets:
-        st_.first_event_ms = s.first_event_ms
-        st_.last_event_ms = s.last_event_ms
-    for aid in sorted(s._approaches):
-        a = s._approaches[aid]
-        st_.approaches.add(
-            approach_id=aid,
-            n_packets=a.n,
-            total_weight=a.tw,
-            weighted_delta_sum=a.wd,
-            success_sum=a.ss,
-            failure_sum=a.fs,
-            node_hashes=sorted(map(int, a.nodes))[: s.approach_node_k],
-        )
-    return st_.SerializeToString(deterministic=True)
-
-
-def protobuf_decoded(data, **caps) -> Synthesis:
-    """``from_bytes`` through protobuf's parser only (the fallback for non-canonical input)."""
-    return Synthesis(**caps)._decode_message(data)
-
-
-@contextlib.contextmanager
-def sketch_thresholds(tuple_max: int, set_merge_max: int):
-    """Force the small (tuple / set) or large (array / numpy) sketch paths."""
-    saved = synthesis._TUPLE_MAX, synthesis._SET_MERGE_MAX
-    synthesis._TUPLE_MAX, synthesis._SET_MERGE_MAX = tuple_max, set_merge_max
-    try:
-        yield
-    finally:
-        synthesis._TUPLE_MAX, synthesis._SET_MERGE_MAX = saved
-
-
-THRESHOLDS = [(0, 0), (64, 128), (10**9, 10**9), (2, 10**9), (10**9, 0)]
-
-
-def split_encode_merge(packets, cuts, modes, order_seed, **caps) -> Synthesis:
-    """Like ``split_fold_merge``, but every part also goes through to_bytes / from_bytes and
-    copies, as partials do in the pipeline."""
-    bounds = sorted({0, len(packets), *(c % (len(packets) + 1) for c in cuts)})
-    parts = []
-    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
-        folder = fold_columns if modes[i % len(modes)] else fold
-        part = folder(packets[lo:hi], Synthesis(**caps))
-        if i % 3 == 1:
-            part = Synthesis.from_bytes(part.to_bytes(), **caps)
-        parts.append(part)
-    rng = random.Random(order_seed)
-    while len(parts) > 1:
-        i, j = rng.sample(range(len(parts)), 2)
-        a = Synthesis(**caps).merge(parts[i]) if rng.random() < 0.5 else parts[i].copy()
-        merged = a.merge(parts[j])
-        parts = [p for k, p in enumerate(parts) if k not in (i, j)] + [merged]
-    return parts[0] if parts else Synthesis(**caps)
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    packets=st.lists(
-        st.tuples(
-            st.integers(0, 300),
-            st.sampled_from(["a", "b", "c", "d", "e", "é", ""]),
-            st.integers(1, 4),
-            st.one_of(st.floats(-5, 5), st.just(-0.0)),
-            st.one_of(st.just(0.0), st.floats(0, 1)),
-            st.integers(-(10**13), 10**13),
-            st.sampled_from(["t1", "t2", ""]),
-        ),
-        max_size=250,
-    ),
-    cuts=st.lists(st.integers(0, 300), max_size=6),
-    modes=st.lists(st.booleans(), min_size=1, max_size=3),
-    order_seed=st.integers(0, 2**32),
-    caps=st.sampled_from(
-        [{}, {"node_k": 8, "approach_node_k": 4, "max_approaches": 3}, {"node_k": 100}]
-    ),
-)
-def test_small_and_large_sketch_paths_agree(packets, cuts, modes, order_seed, caps):
-    results = []
-    for thresholds in THRESHOLDS:
-        with sketch_thresholds(*thresholds):
-            merged = split_encode_merge(packets, cuts, modes, order_seed, **caps)
-            data = merged.to_bytes()
-            assert data == reference_bytes(merged)
-            assert Synthesis.from_bytes(data, **caps).to_bytes() == data
-            results.append((data, merged.extract(ALL)))
-    one = fold(packets, Synthesis(**caps))
-    for data, record in results:
-        # the same partials merged in the same order: identical up to representation
-        assert data == results[0][0]
-        assert record == results[0][1]
-        assert_close(record, one.extract(ALL))
-        assert state_of_bytes(data).node_hashes == state_of(one).node_hashes
-
-
-def state_of_bytes(data: bytes) -> state_pb2.SynthesisState:
-    return state_pb2.SynthesisState.FromString(data)
-
-
-uint64 = st.integers(0, 2**64 - 1)
-any_double = st.one_of(
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from([0.0, -0.0, 5e-324, float("nan"), -float("inf")]),
-)
-small_or_big = st.one_of(st.integers(0, 200), uint64)
-sorted_hashes = st.lists(uint64, max_size=90, unique=True).map(sorted)
-approach_msg = st.builds(
-    state_pb2.ApproachState,
-    approach_id=st.text(max_size=140),
-    n_packets=small_or_big,
-    total_weight=any_double,
-    weighted_delta_sum=any_double,
-    success_sum=any_double,
-    failure_sum=any_double,
-    node_hashes=st.one_of(st.lists(uint64, max_size=18, unique=True).map(sorted), sorted_hashes),
-)
-
-
-@st.composite
-def canonical_states(draw) -> bytes:
-    """Encodings ``to_bytes`` would write: hashes sorted and distinct (at most the default K),
-    approaches unique and by id, five outcome counts, event times only with packets."""
-    n = draw(small_or_big)
-    approaches = {a.approach_id: a for a in draw(st.lists(approach_msg, max_size=8))}
-    msg = state_pb2.SynthesisState(
-        encoding_version=1,
-        template_id=draw(st.text(max_size=150)),
-        n_packets=n,
-        total_weight=draw(any_double),
-        mean_delta=draw(any_double),
-        m2_delta=draw(any_double),
-        success_sum=draw(any_double),
-        failure_sum=draw(any_double),
-        outcome_counts=draw(st.lists(small_or_big, min_size=5, max_size=5)),
-        node_hashes=draw(sorted_hashes),
-        approaches=[approaches[aid] for aid in sorted(approaches)],
-    )
-    if n:
-        msg.first_event_ms = draw(st.integers(-(2**63), 2**63 - 1))
-        msg.last_event_ms = draw(st.integers(-(2**63), 2**63 - 1))
-    return msg.SerializeToString(deterministic=True)
-
-
-def assert_same_state(a: Synthesis, b: Synthesis):
-    assert a.to_bytes() == b.to_bytes()
-    assert (a.n_packets, a.first_event_ms, a.last_event_ms, a.template_id) == (
-        b.n_packets,
-        b.first_event_ms,
-        b.last_event_ms,
-        b.template_id,
-    )
-    assert a.tracked_approaches == b.tracked_approaches
-    assert a.n_nodes == b.n_nodes
-    assert repr(a.extract(ALL)) == repr(b.extract(ALL))  # repr: nan-safe
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=canonical_states(), thresholds=st.sampled_from(THRESHOLDS))
-def test_canonical_encodings_round_trip_byte_for_byte(data, thresholds):
-    with sketch_thresholds(*thresholds):
-        s = Synthesis.from_bytes(data)
-        assert s.to_bytes() == data
-        assert reference_bytes(s) == data
-        assert_same_state(s, protobuf_decoded(data))
-        assert s.copy().to_bytes() == data
-        # (merging is not an identity for every encodable state: zero weight drops M2)
-        assert_same_state(Synthesis().merge(s), Synthesis().merge(protobuf_decoded(data)))
-        assert pickle.loads(pickle.dumps(s)).to_bytes() == data
-
-
-def mutations(data: bytes, rng: random.Random) -> list[bytes]:
-    out = [data[:i] for i in range(0, len(data), max(1, len(data) // 20))]
-    for _ in range(30):
-        b = bytearray(data)
-        for _ in range(rng.randint(1, 3)):
-            if b:
-                b[rng.randrange(len(b))] = rng.choice([0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)])
-        out.append(bytes(b))
-    return out
-
-
-def test_edge_values_encode_like_protobuf():
-    s = fold([(i, f"ap{i % 3}", 1 + i % 4, i / 3, (i % 5) / 4, 1000 + i, "t") for i in range(60)])
-    s.add(nid(1), "x" * 300, RESOLVED, 1.0, 1.0, 5, "t")  # a record longer than 127 bytes
-    s.add(nid(2), "", OPEN, -0.0, 0.0, 6, "t")  # the empty id is not written
-    for i in range(200):  # 16+ hashes: the general record layout
-        s.add_hashed(node_hash(nid(1000 + i)), "ap1", OPEN, 0.0, 0.0, 7, "t")
-    s.total_weight = -0.0  # written (only +0.0 is the default)
-    s.mean_delta = float("nan")
-    s.m2_delta = float("inf")
-    s.success_sum = 0.0
-    s.failure_sum = 5e-324
-    s.outcome_counts = [0, 2**64 - 1, 128, 0, 1]
-    s.first_event_ms = np.int64(-(2**63))  # numpy integers are accepted, as protobuf did
-    s.last_event_ms = 0
-    s.template_id = "é" * 200
-    a = s._approaches["ap0"]
-    a.n, a.tw, a.wd, a.ss, a.fs = 2**40, -0.0, 0.0, float("nan"), 0.0
-    data = s.to_bytes()
-    assert data == reference_bytes(s)
-    back = Synthesis.from_bytes(data)
-    assert back.to_bytes() == data
-    assert_same_state(back, protobuf_decoded(data))
-    s.first_event_ms = 2**63
-    with pytest.raises(ValueError):
-        s.to_bytes()
-
-
-@settings(max_examples=100, deadline=None)
-@given(
-    packets=st.lists(packet_st, max_size=60),
-    extra=st.lists(packet_st, max_size=10),
-    use_columns=st.booleans(),
-    thresholds=st.sampled_from(THRESHOLDS),
-)
-def test_copies_and_merged_parts_are_independent(packets, extra, use_columns, thresholds):
-    with sketch_thresholds(*thresholds):
-        s = (fold_columns if use_columns else fold)(packets)
-        s = s if len(packets) % 2 else Synthesis.from_bytes(s.to_bytes())
-        before = s.to_bytes()
-        c = s.copy()
-        m = Synthesis().merge(s)
-        for t in (c, m):
-            fold(extra, t)
-            t.merge(fold(extra))
-        assert s.to_bytes() == before
-        assert c.to_bytes() == m.to_bytes()
-        assert_close(c.extract(ALL), fold(extra + extra, fold(packets)).extract(ALL))
-
-
-def test_pickle_is_the_versioned_encoding():
-    s = fold([(1, "a", RESOLVED, 1.0, 1.0, 1, "t")])
-    fn, args = s.__reduce__()
-    assert args == (s.to_bytes(),)
-    capped = fold([(1, "a", RESOLVED, 1.0, 1.0, 1, "t")], Synthesis(node_k=16, max_approaches=2))
-    back = pickle.loads(pickle.dumps(capped))
-    assert (back.node_k, back.approach_node_k, back.max_approaches) == (16, 1024, 2)
-    assert back.to_bytes() == capped.to_bytes()
-    # pickles from before (Synthesis.from_bytes as the reducer) still load
-    assert pickle.loads(pickle.dumps(OldPickle(s))).to_bytes() == s.to_bytes()
-
-
-class OldPickle:
-    def __init__(self, s: Synthesis):
-        self.s = s
-
-    def __reduce__(self):
-        return (Synthesis.from_bytes, (self.s.to_bytes(), 4096, 1024, 256))
+# ------------------------------------------------------------------------------ ranking keys
 
 
 def reference_rank_round(x: float) -> float:
@@ -880,9 +474,24 @@ def test_rank_round_is_the_correctly_rounded_12_digits():
     for x in xs:
         for v in (x, -x):
             if math.isnan(v):
-                assert math.isnan(synthesis._rank_round(v))
+                assert math.isnan(rank_round(v))
                 continue
-            got, want = synthesis._rank_round(v), reference_rank_round(v)
+            got, want = rank_round(v), reference_rank_round(v)
             assert got == want and math.copysign(1, got) == math.copysign(1, want), v
-    assert synthesis._rank_round(math.inf) == math.inf
-    assert math.isnan(synthesis._rank_round(math.nan))
+    assert rank_round(math.inf) == math.inf
+    assert math.isnan(rank_round(math.nan))
+
+
+def test_rank_key_orders_ties():
+    rows = [
+        ("c", 0.5, 1.0),
+        ("b", 0.5, 1.0),  # full tie with "c": the id decides
+        ("a", 0.5, None),  # no mean: after every number, even a very negative one
+        ("d", 0.5, -1e300),
+        ("e", 0.5 + 1e-15, 1.0 - 1e-14),  # summation noise: still tied with "b" and "c"
+        ("f", 0.6, -5.0),  # a higher success_mean wins over any mean
+        ("g", 0.5, 2.0),
+        ("h", 0.5, None),
+    ]
+    ranked = sorted(rows, key=lambda r: rank_key(*r))
+    assert [r[0] for r in ranked] == ["f", "g", "b", "c", "e", "d", "a", "h"]
