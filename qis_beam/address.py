@@ -22,11 +22,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 
-TEMPLATE_ID_PATTERN = re.compile(r"[a-z0-9_.:/-]{1,64}")
+from qis_beam.wire import TEMPLATE_ID_RE
+
 DEFAULT_BINNING = "log10"
 _BINNINGS = ("log10", "log2", "exact")
 
@@ -40,7 +40,7 @@ class ContextTemplate:
     default_binning: str = DEFAULT_BINNING
 
     def __post_init__(self):
-        if not TEMPLATE_ID_PATTERN.fullmatch(self.template_id):
+        if not TEMPLATE_ID_RE.fullmatch(self.template_id):
             raise ValueError(f"template_id must match [a-z0-9_.:/-]{{1,64}}: {self.template_id!r}")
         for binning in [self.default_binning, *self.numeric_binning.values()]:
             _check_binning(binning)

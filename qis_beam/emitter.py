@@ -38,19 +38,13 @@ import time
 from collections.abc import Mapping, Sequence
 
 from qis_beam.address import semantic_address
-from qis_beam.proto import packet_pb2
 from qis_beam.signing import NodeKey
 from qis_beam.tfrecords import write_record
 from qis_beam.transports import Transport, TransportURL, open_transport
+from qis_beam.wire import OUTCOME_NAMES, PACKET_ID_BYTES, SCHEMA_VERSION, Envelope, OutcomePacket
 
-SCHEMA_VERSION = 1
-
-
-class OutcomeType(enum.IntEnum):
-    RESOLVED = packet_pb2.RESOLVED
-    PARTIAL = packet_pb2.PARTIAL
-    CONTRADICTED = packet_pb2.CONTRADICTED
-    OPEN = packet_pb2.OPEN
+# What a node reports (spec section 2), named and numbered as the proto enum has them.
+OutcomeType = enum.IntEnum("OutcomeType", {name: n for n, name in OUTCOME_NAMES.items()})
 
 
 def build_packet(
@@ -68,11 +62,11 @@ def build_packet(
     metrics: Mapping[str, float] | None = None,
     context_embedding: Sequence[float] | None = None,
     packet_id: bytes | None = None,
-) -> packet_pb2.OutcomePacket:
+) -> OutcomePacket:
     now_ms = int(time.time() * 1000)
-    packet = packet_pb2.OutcomePacket(
+    packet = OutcomePacket(
         schema_version=SCHEMA_VERSION,
-        packet_id=packet_id if packet_id is not None else os.urandom(16),
+        packet_id=packet_id if packet_id is not None else os.urandom(PACKET_ID_BYTES),
         node_id=key.node_id,
         semantic_address=address,
         template_id=template_id,
@@ -89,16 +83,12 @@ def build_packet(
     return packet
 
 
-def seal(
-    key: NodeKey | None, packet: packet_pb2.OutcomePacket, *, public_key: bytes = b""
-) -> bytes:
+def seal(key: NodeKey | None, packet: OutcomePacket, *, public_key: bytes = b"") -> bytes:
     """Serialize and sign a packet into Envelope bytes (unsigned when ``key`` is None)."""
     payload = packet.SerializeToString(deterministic=True)
     if key is None:
-        return packet_pb2.Envelope(payload=payload, public_key=public_key).SerializeToString()
-    envelope = packet_pb2.Envelope(
-        payload=payload, signature=key.sign(payload), public_key=key.public_key
-    )
+        return Envelope(payload=payload, public_key=public_key).SerializeToString()
+    envelope = Envelope(payload=payload, signature=key.sign(payload), public_key=key.public_key)
     return envelope.SerializeToString()
 
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from qis_beam.proto import packet_pb2
 from qis_beam.tfrecords import read_file, split_records
-
-MAX_CORRUPT_TAIL_BYTES = 4096
+from qis_beam.wire import WireError, corrupt_tail, corrupt_tail_source, decode_record
 
 # Runners replay refuses, and why (measured on Beam 2.77 with Prism v2.77.0; README "Replay").
 REFUSED_RUNNERS = {
@@ -59,9 +57,8 @@ class ReplayPlan:
 def _times(record: bytes) -> tuple[int, int] | None:
     """(emit_ms, event_ms) of a record, or None when it does not parse."""
     try:
-        envelope = packet_pb2.Envelope.FromString(record)
-        packet = packet_pb2.OutcomePacket.FromString(envelope.payload)
-    except Exception:  # noqa: BLE001 - unparsable records are validated (and dead-lettered) later
+        _, packet = decode_record(record)
+    except WireError:  # unparsable records are validated (and dead-lettered) later
         return None
     return packet.emit_time_ms, packet.event_time_ms
 
@@ -72,11 +69,16 @@ def _arrivals(paths: Iterable[str]) -> list[tuple[int, int, bytes, str, int]]:
     order = 0
     last_emit = 0
     for path in paths:
-        records, corrupt = split_records(read_file(path))
+        data = read_file(path)
+        records, corrupt = split_records(data)
+        sources = [path] * len(records)
         if corrupt is not None:
-            # The unframable tail travels as one record: validation dead-letters it.
-            records.append(corrupt.rest[:MAX_CORRUPT_TAIL_BYTES])
-        for record in records:
+            # The unframable tail travels as one element that validation dead-letters by
+            # the corrupt-tail rule of qis_beam.wire, as the backfill's reader does.
+            detail, tail = corrupt_tail(corrupt, len(data))
+            records.append(tail)
+            sources.append(corrupt_tail_source(path, detail))
+        for record, source in zip(records, sources, strict=True):
             times = _times(record)
             if times and times[0] > 0:
                 emit_ms, event_ms = times
@@ -84,7 +86,7 @@ def _arrivals(paths: Iterable[str]) -> list[tuple[int, int, bytes, str, int]]:
             else:
                 emit_ms = event_ms = last_emit
             timestamp = event_ms if event_ms > 0 else emit_ms
-            arrivals.append((emit_ms, order, record, path, timestamp))
+            arrivals.append((emit_ms, order, record, source, timestamp))
             order += 1
     arrivals.sort(key=lambda a: (a[0], a[1]))
     return arrivals

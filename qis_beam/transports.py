@@ -37,14 +37,12 @@ import threading
 import time
 from typing import BinaryIO, Protocol
 
-from google.protobuf.message import DecodeError
-
-from qis_beam.proto import packet_pb2
+from qis_beam.wire import DEFAULT_MAX_CLOCK_SKEW_MS, WireError, decode_record
 
 TIMESTAMP_ATTRIBUTE = "event_time_ms"
 # Event times further ahead of the sender's clock are sent stamped with that clock: the
 # validator's default max clock skew, so every packet a pipeline accepts keeps its own time.
-MAX_FUTURE_MS = 5 * 60_000
+MAX_FUTURE_MS = DEFAULT_MAX_CLOCK_SKEW_MS
 SCHEMES = ("kafka", "pubsub", "file")
 
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
@@ -106,9 +104,8 @@ class RecordMeta:
 def record_meta(record: bytes) -> RecordMeta:
     """Event time and address of an Envelope, best effort (a malformed record gives Nones)."""
     try:
-        envelope = packet_pb2.Envelope.FromString(record)
-        packet = packet_pb2.OutcomePacket.FromString(envelope.payload)
-    except (DecodeError, ValueError, RuntimeError, RecursionError):
+        _, packet = decode_record(record)
+    except WireError:
         return RecordMeta(None, None)
     event = packet.event_time_ms if packet.event_time_ms > 0 else None
     return RecordMeta(event, packet.semantic_address or None)

@@ -11,10 +11,10 @@ from apache_beam.testing.util import assert_that, equal_to
 from conftest import fnapi_options, node_key
 
 from qis_beam.emitter import OutcomeEmitter, OutcomeType
-from qis_beam.proto import packet_pb2
 from qis_beam.signing import NodeKey, load_registry, node_id_for, verify
 from qis_beam.tfrecords import CorruptRecordFile, iter_records
 from qis_beam.validation import Accepted, ValidationPolicy, validate
+from qis_beam.wire import Envelope
 
 
 def test_sign_and_verify():
@@ -77,7 +77,7 @@ def test_emitter_writes_valid_signed_packets_beam_can_read(tmp_path):
 
 def test_corrupt_framing_is_reported(tmp_path):
     key = node_key(1)
-    payload = packet_pb2.Envelope(payload=b"x", public_key=key.public_key).SerializeToString()
+    payload = Envelope(payload=b"x", public_key=key.public_key).SerializeToString()
     from qis_beam.tfrecords import write_record
 
     path = tmp_path / "log.tfrecord"

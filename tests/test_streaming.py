@@ -17,15 +17,16 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 from conftest import HOUR_MS, T0_MS, make_record, node_key
 
+from qis_beam.beam_internals.replay_speedups import indexed_direct_timers
 from qis_beam.emitter import seal
 from qis_beam.pipelines.streaming import build_streaming_graph
-from qis_beam.beam_internals.replay_speedups import indexed_direct_timers
 from qis_beam.settings import Settings, StreamSettings, WindowSettings
 from qis_beam.transforms.outputs import WriteJsonLinesOnDrain, read_json_lines
 from qis_beam.transforms.streaming import AllTimeSnapshots, FlagTooLate, IngestStream, alltime
 from qis_beam.validation import ValidationPolicy
+from qis_beam.wire import MINUTE_MS
 
-MIN = 60_000
+MIN = MINUTE_MS
 NOW = T0_MS + 100 * HOUR_MS
 
 

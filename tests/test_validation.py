@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import T0_MS, make_packet, make_record, node_key
+from conftest import HOUR_MS, T0_MS, make_packet, make_record, node_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qis_beam.emitter import seal
-from qis_beam.proto import packet_pb2
 from qis_beam.signing import ThreadedVerifier
 from qis_beam.validation import (
     INGEST_REASONS,
@@ -20,6 +19,7 @@ from qis_beam.validation import (
     validate,
     validate_batch,
 )
+from qis_beam.wire import MINUTE_MS, Envelope, payload_of
 
 NOW = T0_MS + 10_000
 POLICY = ValidationPolicy(now_ms=NOW)
@@ -31,16 +31,14 @@ def reason(record: bytes, policy: ValidationPolicy = POLICY) -> str | None:
 
 
 def envelope(payload: bytes, signature: bytes = b"", public_key: bytes = b"") -> bytes:
-    return packet_pb2.Envelope(
-        payload=payload, signature=signature, public_key=public_key
-    ).SerializeToString()
+    return Envelope(payload=payload, signature=signature, public_key=public_key).SerializeToString()
 
 
 def test_valid_signed_packet_is_accepted():
     verdict = validate(make_record(), POLICY)
     assert isinstance(verdict, Accepted)
     assert verdict.packet.approach_id == "lr_schedule=cosine"
-    assert verdict.payload == packet_pb2.Envelope.FromString(make_record()).payload
+    assert verdict.payload == payload_of(make_record())
 
 
 def test_oversize():
@@ -109,6 +107,7 @@ def test_unknown_node_only_with_registry():
         ({"approach_id": "free text"}, "approach_id"),
         ({"approach_id": ""}, "approach_id"),
         ({"outcome_type": 0}, "outcome_type"),
+        ({"outcome_type": 5}, "outcome_type"),  # the first number past the enum
         ({"outcome_type": 9}, "outcome_type"),
         ({"outcome_delta": math.inf}, "outcome_delta"),
         ({"outcome_delta": math.nan}, "outcome_delta"),
@@ -116,7 +115,7 @@ def test_unknown_node_only_with_registry():
         ({"confidence": -0.1}, "confidence"),
         ({"confidence": math.nan}, "confidence"),
         ({"event_time_ms": 0, "emit_time_ms": 0}, "event_time_ms"),
-        ({"emit_time_ms": T0_MS - 6 * 60_000}, "emit_time_ms"),
+        ({"emit_time_ms": T0_MS - 6 * MINUTE_MS}, "emit_time_ms"),
         ({"metrics": {f"m{i}": 1.0 for i in range(9)}}, "metrics"),
         ({"metrics": {"loss": math.inf}}, "metrics"),
         ({"context_embedding": [0.0] * 65}, "context_embedding"),
@@ -137,13 +136,13 @@ def test_limits_are_inclusive():
         confidence=1.0,
         approach_id="a" * 64,
         template_id="t" * 64,
-        emit_time_ms=T0_MS - 5 * 60_000,
+        emit_time_ms=T0_MS - 5 * MINUTE_MS,
     )
     assert reason(record, ValidationPolicy(now_ms=NOW, max_packet_bytes=4096)) is None
 
 
 def test_future_event_time_uses_clock_and_skew():
-    skew = 5 * 60_000
+    skew = 5 * MINUTE_MS
     at_limit = make_record(event_time_ms=NOW + skew, emit_time_ms=NOW + skew)
     beyond = make_record(event_time_ms=NOW + skew + 1, emit_time_ms=NOW + skew + 1)
     assert reason(at_limit) is None
@@ -224,7 +223,7 @@ def _mixed_batch() -> list[bytes]:
     forged[-40] ^= 0x01  # inside the signature or key: verification must fail
     key = node_key(2)
     unsigned = seal(None, make_packet(key), public_key=key.public_key)
-    future = make_record(event_time_ms=NOW + 3_600_000, emit_time_ms=NOW + 3_600_000)
+    future = make_record(event_time_ms=NOW + HOUR_MS, emit_time_ms=NOW + HOUR_MS)
     other_node = make_record(node_key(3))
     return [good, bytes(forged), unsigned, good[:-3], future, b"\xff", other_node] * 60
 

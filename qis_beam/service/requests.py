@@ -6,7 +6,8 @@ import functools
 import re
 from collections.abc import Mapping
 
-from qis_beam.address import TEMPLATE_ID_PATTERN, semantic_address
+from qis_beam.address import semantic_address
+from qis_beam.wire import TEMPLATE_ID_RE
 
 MAX_K = 1000
 MAX_WINDOWS = 10_000
@@ -37,7 +38,7 @@ def _address(template_id: str, pairs: tuple[tuple[str, str], ...]) -> str:
 def problem_address(template_id: str, context: Mapping[str, str], prefix: str = "") -> str:
     if not template_id:
         raise BadRequest(f"{prefix}template_id", "required")
-    if not TEMPLATE_ID_PATTERN.fullmatch(template_id):
+    if not TEMPLATE_ID_RE.fullmatch(template_id):
         raise BadRequest(f"{prefix}template_id", "must match [a-z0-9_.:/-]{1,64}")
     try:
         return _address(template_id, tuple(sorted(context.items())))

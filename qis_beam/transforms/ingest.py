@@ -45,10 +45,10 @@ from qis_beam.dedupe import (
     shard_of,
 )
 from qis_beam.positions import FRAMING, fetch_records
-from qis_beam.proto import packet_pb2
 from qis_beam.signing import ThreadedVerifier
 from qis_beam.transforms.deadletters import DEAD_LETTERS, counter, dead_letter, distribution
 from qis_beam.validation import DUPLICATE_REASON, Rejection, ValidationPolicy, validate_batch
+from qis_beam.wire import payload_of
 
 RANGES = "ranges"
 # Dedupe shuffle element: (files, RANGE array bytes, ENTRY array bytes); an entry's "range"
@@ -64,12 +64,6 @@ DROPS = -1
 # end of the bundle or when this many are buffered (8 MiB): slices stay large even with
 # many shards and small batches.
 BUNDLE_ENTRIES = 1 << 18
-
-
-def payload_of(record: bytes) -> bytes:
-    envelope = packet_pb2.Envelope()
-    envelope.ParseFromString(record)
-    return envelope.payload
 
 
 def range_key(path: str, start: int) -> str:

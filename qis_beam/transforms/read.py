@@ -15,9 +15,11 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.pvalue import TaggedOutput
 
+from qis_beam import progress
 from qis_beam.positions import iter_framed, open_log
 from qis_beam.tfrecords import CorruptRecordFile
 from qis_beam.transforms.deadletters import DEAD_LETTERS, counter, dead_letter
+from qis_beam.wire import CORRUPT_TAIL_REASON, corrupt_tail
 
 # (source file, byte offset of the first record, records): one range of one file
 RecordBatch = tuple[str, int, list[bytes]]
@@ -34,7 +36,7 @@ class _ReadShardBatchesFn(beam.DoFn):
         path, size = shard
         records_in = counter("records_in")
         batch: list[bytes] = []
-        start = 0
+        start = reported = 0  # reported: bytes shown by a progress bar in this process
         try:
             with open_log(path) as handle:
                 for offset, record in iter_framed(handle):
@@ -46,19 +48,21 @@ class _ReadShardBatchesFn(beam.DoFn):
                         or offset + len(record) - start >= MAX_BATCH_BYTES
                     ):
                         records_in.inc(len(batch))
+                        reported += progress.advance_batch(batch)
                         yield path, start, batch
                         batch = []
         except CorruptRecordFile as error:
             records_in.inc()
-            detail = (
-                f"{error}; the rest of the shard ({size - error.offset} bytes) cannot be framed"
-            )
+            detail, tail = corrupt_tail(error, size)
             yield TaggedOutput(
-                DEAD_LETTERS, dead_letter("undecodable", detail, error.rest, source=path)
+                DEAD_LETTERS, dead_letter(CORRUPT_TAIL_REASON, detail, tail, source=path)
             )
         if batch:
             records_in.inc(len(batch))
+            reported += progress.advance_batch(batch)
             yield path, start, batch
+        if progress.active():  # the shard is done (a corrupt tail included)
+            progress.advance(0, size - reported)
 
 
 class ReadRecordBatches(beam.PTransform):

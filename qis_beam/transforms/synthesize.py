@@ -24,11 +24,11 @@ from apache_beam.utils.windowed_value import PaneInfoTiming, WindowedValue
 
 from qis_beam.partials import PacketColumns
 from qis_beam.positions import iter_framed, open_log
-from qis_beam.proto import packet_pb2
 from qis_beam.settings import WindowSettings
 from qis_beam.synthesis import Synthesis, SynthesisParams
 from qis_beam.transforms.deadletters import counter, distribution
 from qis_beam.transforms.ingest import DROPS, RangePart, parse_range_key
+from qis_beam.wire import payload_of
 
 Partial = tuple[str, Synthesis]
 
@@ -119,7 +119,7 @@ class _FoldRangesFn(beam.DoFn):
             framed = iter_framed(handle, start, end, check_crc=False)
             if skip:
                 framed = ((o, r) for o, r in framed if o - start not in skip)
-            self._columns.add_payloads(_payloads(r for _, r in framed))
+            self._columns.add_payloads(payload_of(r) for _, r in framed)
         if len(self._columns) >= FOLD_PACKETS:
             yield from self._fold()
 
@@ -149,13 +149,6 @@ class _FoldRangesFn(beam.DoFn):
                 for w in self._window_fn.assign(context)
             ]
         return keys
-
-
-def _payloads(records: Iterable[bytes]) -> Iterator[bytes]:
-    envelope = packet_pb2.Envelope()
-    for record in records:
-        envelope.ParseFromString(record)
-        yield envelope.payload
 
 
 def _global(value) -> WindowedValue:

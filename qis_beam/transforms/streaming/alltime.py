@@ -28,13 +28,14 @@ from apache_beam.coders import BytesCoder, VarIntCoder
 from apache_beam.transforms import userstate, window
 from apache_beam.transforms.timeutil import TimeDomain
 
-from qis_beam.partials import parse_payload
+from qis_beam.partials import add_packet
 from qis_beam.settings import StreamSettings
 from qis_beam.synthesis import Synthesis, SynthesisParams
 from qis_beam.transforms.deadletters import counter
 from qis_beam.transforms.streaming.common import PacketInfo, ms_of, ts_of
 from qis_beam.transforms.streaming.sizes import state_size
 from qis_beam.transforms.synthesize import synthesis_record
+from qis_beam.wire import decode_packet, iter_packets
 
 # Payload bytes buffered per address before they are folded without waiting for the timer:
 # bounds the bag (~60 payloads) while keeping the decode/encode of the synthesis rare.
@@ -46,17 +47,8 @@ AddressPayload = tuple[str, bytes]
 def fold_payloads(synthesis: Synthesis, payloads: Iterable[bytes]) -> int:
     """Fold validated packet payloads into ``synthesis``; returns how many."""
     n = 0
-    for payload in payloads:
-        p = parse_payload(payload)
-        synthesis.add(
-            p.node_id,
-            p.approach_id,
-            p.outcome_type,
-            p.outcome_delta,
-            p.confidence,
-            p.event_time_ms,
-            p.template_id,
-        )
+    for packet in iter_packets(payloads):
+        add_packet(synthesis, packet)
         n += 1
     return n
 
@@ -64,7 +56,7 @@ def fold_payloads(synthesis: Synthesis, payloads: Iterable[bytes]) -> int:
 class _KeyByAddressFn(beam.DoFn):
     def process(self, info: PacketInfo) -> Iterator[AddressPayload]:
         payload = info[0]
-        yield parse_payload(payload).semantic_address.hex(), payload
+        yield decode_packet(payload).semantic_address.hex(), payload
 
 
 class _AllTimeSnapshotFn(beam.DoFn):

@@ -25,6 +25,7 @@ from qis_beam.transforms.deadletters import DEAD_LETTERS, counter, dead_letter
 from qis_beam.transforms.streaming.common import ByPacketId, ms_of, ts_of
 from qis_beam.transforms.streaming.sizes import state_size
 from qis_beam.validation import DUPLICATE_REASON, Rejection, ValidationPolicy, validate
+from qis_beam.wire import CORRUPT_TAIL_REASON, split_corrupt_tail
 
 DUPLICATES = "duplicates"
 
@@ -40,6 +41,12 @@ class _ValidateRecordFn(beam.DoFn):
     def process(self, element: tuple[bytes, str]) -> Iterator:
         record, source = element
         counter("records_in").inc()
+        source, tail_detail = split_corrupt_tail(source)
+        if tail_detail is not None:  # a replayed shard's unframable tail (qis_beam.wire)
+            yield TaggedOutput(
+                DEAD_LETTERS, dead_letter(CORRUPT_TAIL_REASON, tail_detail, record, source=source)
+            )
+            return
         verdict = validate(record, self._policy)
         if isinstance(verdict, Rejection):
             yield TaggedOutput(

@@ -6,15 +6,18 @@ from collections.abc import Iterator
 
 import apache_beam as beam
 
-from qis_beam.partials import parse_payload, single_packet_partial
+from qis_beam.partials import add_packet
 from qis_beam.synthesis import Synthesis
 from qis_beam.transforms.streaming.common import PacketInfo
+from qis_beam.wire import decode_packet
 
 
 class _SinglePartialFn(beam.DoFn):
     def process(self, info: PacketInfo) -> Iterator[tuple[str, Synthesis]]:
-        packet = parse_payload(info[0])
-        yield packet.semantic_address.hex(), single_packet_partial(packet)
+        packet = decode_packet(info[0])
+        partial = Synthesis()
+        add_packet(partial, packet)
+        yield packet.semantic_address.hex(), partial
 
 
 class PacketPartials(beam.PTransform):

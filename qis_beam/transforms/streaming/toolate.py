@@ -23,13 +23,13 @@ from apache_beam.transforms import trigger, userstate, window
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.utils.timestamp import Duration
 
-from qis_beam.partials import parse_payload
 from qis_beam.settings import WindowSettings
 from qis_beam.transforms.deadletters import dead_letter
 from qis_beam.transforms.streaming.common import PacketInfo, ms_of, ts_of
 from qis_beam.transforms.streaming.sizes import state_size
 from qis_beam.transforms.synthesize import window_fn
 from qis_beam.validation import TOO_LATE_REASON
+from qis_beam.wire import decode_packet
 
 # (address, (packet_id, deadline_ms)): what the twin of the windowed synthesis groups.
 IdsByAddress = tuple[str, tuple[bytes, int]]
@@ -56,7 +56,7 @@ class _IdsFn(beam.DoFn):
         self._windows = windows
 
     def process(self, info: PacketInfo, ts=beam.DoFn.TimestampParam) -> Iterator[IdsByAddress]:
-        packet = parse_payload(info[0])
+        packet = decode_packet(info[0])
         deadline = deadline_ms(ms_of(ts), self._windows)
         yield packet.semantic_address.hex(), (packet.packet_id, deadline)
 
@@ -67,7 +67,7 @@ class _SentFn(beam.DoFn):
 
     def process(self, info: PacketInfo, ts=beam.DoFn.TimestampParam) -> Iterator[Mark]:
         payload, _, source = info
-        packet_id = parse_payload(payload).packet_id
+        packet_id = decode_packet(payload).packet_id
         yield (packet_id, deadline_ms(ms_of(ts), self._windows)), (False, source or "")
 
 
