@@ -2,15 +2,24 @@
 
 The protobuf wire contract in ``protos/`` is compiled with grpcio-tools into
 ``qis_beam/proto/`` on every build (``pip install .`` and ``pip install -e .``);
-the generated modules are not committed. ``pipelines/`` and ``runners/`` live at the
-top of the repository and are reached as ``qis_beam.pipelines`` / ``qis_beam.runners``
-through symlinks inside ``qis_beam/``, so they work the same from a checkout, an
-editable install and a wheel, and never claim generic top-level module names.
+the generated modules are not committed.
+
+``pipelines/`` and ``runners/`` live at the top of the repository and are mapped into the
+package by ``package_dir`` as ``qis_beam.pipelines`` / ``qis_beam.runners``: a wheel installs
+them inside ``qis_beam/``, and an editable install (``pip install -e .``, what CI and the
+README use; a checkout needs it for these two subpackages) maps them to the checkout's
+folders. They never claim generic top-level module names.
+
+The deployment kits (``runners/flink/``, ``runners/dataflow/``: Dockerfiles, compose file,
+shell scripts) are files of the repository, not package data: they are used from a checkout
+(``docker build`` takes the repository as its context) and no installed code reads them.
+``qis_beam/stack/pins.toml`` is package data because ``qis-beam stack fetch`` reads it.
 """
 
 import pathlib
+import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = pathlib.Path(__file__).parent.resolve()
@@ -20,7 +29,6 @@ PROTO_OUT = ROOT / "qis_beam" / "proto"
 
 def compile_protos() -> None:
     """Compile protos/qis/v1/*.proto into qis_beam/proto/<name>_pb2.py (+ _pb2_grpc.py)."""
-    import shutil
     import tempfile
 
     from grpc_tools import protoc
@@ -47,9 +55,17 @@ def compile_protos() -> None:
                 (PROTO_OUT / stub.name).write_text(text, encoding="utf-8")
 
 
+# Top-level folders installed as subpackages of qis_beam (their own modules only: the
+# deployment kits under runners/ have no __init__.py and stay out of the package).
+MAPPED = {"qis_beam.pipelines": "pipelines", "qis_beam.runners": "runners"}
+
+
 class BuildPyWithProtos(build_py):
     def run(self):
         compile_protos()
+        # build/lib outlives builds: without this, modules moved or deleted since the last
+        # in-tree build (pip install /path/to/checkout) would still ship in the wheel.
+        shutil.rmtree(pathlib.Path(self.build_lib, "qis_beam"), ignore_errors=True)
         super().run()
 
 
@@ -60,21 +76,9 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[
-        "qis_beam",
-        "qis_beam.proto",
-        "qis_beam.transforms",
-        "qis_beam.store",
-        "qis_beam.service",
-        "qis_beam.report",
-        "qis_beam.pipelines",
-        "qis_beam.runners",
-        "qis_beam.stack",
-    ],
-    package_data={
-        "qis_beam.runners": ["*.yaml", "flink/*", "dataflow/*"],
-        "qis_beam.stack": ["pins.toml"],  # pinned engine artifacts (qis-beam stack fetch)
-    },
+    packages=[*find_packages(include=["qis_beam", "qis_beam.*"]), *MAPPED],
+    package_dir=MAPPED,
+    package_data={"qis_beam.stack": ["pins.toml"]},  # pinned engine artifacts (stack fetch)
     cmdclass={"build_py": BuildPyWithProtos},
     install_requires=[
         "apache-beam[gcp]>=2.77.0,<2.78",

@@ -19,11 +19,11 @@ import os
 import tempfile
 import time
 
-from qis_beam.demo import recommendation_accuracy
 from qis_beam.jobs import STORE_NAME, pipeline_options, run_job
 from qis_beam.pipelines.backfill import build_backfill
 from qis_beam.settings import Settings
-from qis_beam.simulate import SwarmConfig, simulate
+from qis_beam.sim import SwarmConfig, simulate
+from qis_beam.sim.demo import recommendation_accuracy
 from qis_beam.store import IntelligenceStore
 from qis_beam.validation import ValidationPolicy
 

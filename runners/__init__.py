@@ -1,4 +1,5 @@
-"""Runner profiles and deployment kits; installed as ``qis_beam.runners`` (see setup.py).
+"""Runner profiles and deployment kits; ``profiles.py`` is installed as ``qis_beam.runners``
+(setup.py's ``package_dir``), the kits are repository files used from a checkout.
 
 - ``profiles.py``: the named Beam option sets behind ``qis-beam ... --profile NAME``
   (direct, portable, flink, dataflow) - the one source of truth for runner options.

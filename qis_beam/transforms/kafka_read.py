@@ -5,32 +5,18 @@ runner that runs Java (Flink, Dataflow). Where those are missing -- Prism, a lap
 the jars -- :class:`ReadKafkaEnvelopes` reads the same topic with confluent-kafka inside the
 Python SDK harness.
 
-* The partitions are found at run time (``ListPartitions``): one element per topic whose
-  restriction is an offset range per partition, ``[start, END)``. ``start`` is the group's
-  committed offset when a ``group_id`` is given and has one, else the earliest offset.
-* One restriction for all partitions, not one per partition: Prism (2.77) sets a stage's
-  estimated output watermark from the residuals of the *last* bundle only
-  (``engine/elementmanager.go``, "aggregated here until it makes a difference"), so with
-  partitions in separate bundles a partition that ran ahead dragged the watermark past
-  the others and their records were dropped as late (seen here: 5,715 of 20,000 records
-  on 3 partitions reached the windows). With one restriction the reader itself takes the
-  minimum over partitions, on every runner.
+* The partitions are found at run time (``ListPartitions``, :mod:`.kafka_client`): one element
+  per topic whose restriction is an offset range per partition, all partitions in one
+  restriction (:mod:`.kafka_tracking` says why, and how the watermark is kept).
 * The DoFn assigns one consumer to every partition at its range start (kept between bundles;
   re-assigned only when a resumed restriction does not start where it stopped). It reads at
   most ``max_bundle_records`` / ``max_bundle_seconds``, then checkpoints itself with
   ``defer_remainder``: at once when it stopped for the cap, after ``poll_interval_s`` when
   nothing new came. Runner-initiated checkpoints (split at fraction 0) work too; other
-  dynamic splits are refused (the ranges' ends are unknown). Positions are
-  ``(partition, offset)``, claimed one by one, so offset gaps (compaction, transaction
-  markers) are fine.
+  dynamic splits are refused.
 * Element timestamp = the Kafka record timestamp (producers set it to the packet's event
-  time: ``qis_beam.transports``); a record without one gets the read time.
-* Watermark (:class:`TopicWatermark`) = the minimum over partitions of: the latest record
-  timestamp of the partition minus ``watermark_delay_ms``, capped at wall clock minus the
-  delay (a forged far-future timestamp cannot push it); a partition caught up with its
-  high-water offset advances to wall clock minus the delay (the idle advance of Java
-  KafkaIO's ``CustomTimestampPolicyWithLimitedDelay``), so an empty or quiet partition does
-  not stall the stream. Records older than the watermark are late data downstream.
+  time: ``qis_beam.transports``); a record without one gets the read time. Records older
+  than the watermark (:class:`~.kafka_tracking.TopicWatermark`) are late data downstream.
 * Bounded runs (tests, benchmarks): ``stop_when_idle_s`` ends the read once every partition
   is caught up and nothing new came for that long; ``max_records_per_partition`` bounds each
   range. The read ends by claiming each range's last position; the job then drains and
@@ -44,261 +30,48 @@ undecodable). Counters (namespace ``qis_beam.kafka``): ``records_read``, ``check
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterator
 
 import apache_beam as beam
-from apache_beam.io.iobase import RestrictionProgress, RestrictionTracker
-from apache_beam.io.watermark_estimators import WatermarkEstimator
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.core import RestrictionProvider, WatermarkEstimatorProvider
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
+from qis_beam.transforms.kafka_client import (
+    ListPartitionsFn,
+    commit,
+    coordinator_not_ready,
+    make_consumer,
+)
+from qis_beam.transforms.kafka_tracking import (
+    END,
+    Ranges,
+    TopicOffsetsTracker,
+    TopicStart,
+    TopicWatermark,
+    TrackerAccess,
+    topic_watermark,
+    wall_ms,
+    watermark_after_records,
+    watermark_when_idle,
+)
+
+__all__ = [
+    "NAMESPACE",
+    "ReadKafkaEnvelopes",
+    # The reader's parts, importable from here as before the split.
+    "END",
+    "TopicOffsetsTracker",
+    "TopicWatermark",
+    "coordinator_not_ready",
+    "topic_watermark",
+    "watermark_after_records",
+    "watermark_when_idle",
+]
+
 NAMESPACE = "qis_beam.kafka"
-# Exclusive end of an unbounded partition range: no Kafka offset ever reaches it.
-END = 2**63 - 1
-
-# The element: (topic, ((partition, start offset), ...)).
-TopicStart = tuple[str, tuple[tuple[int, int], ...]]
-# A restriction: ((partition, start, stop), ...), stop exclusive, sorted by partition.
-Ranges = tuple[tuple[int, int, int], ...]
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-# --- watermark (pure rules, then the estimator) ---------------------------------------------
-
-
-def watermark_after_records(current_ms, newest_record_ms, delay_ms, now_ms):
-    """A partition's watermark after reading records up to ``newest_record_ms``."""
-    candidate = min(newest_record_ms, now_ms) - delay_ms
-    return candidate if current_ms is None else max(current_ms, candidate)
-
-
-def watermark_when_idle(current_ms, delay_ms, now_ms):
-    """A caught-up partition holds nothing back beyond ``now - delay``."""
-    candidate = now_ms - delay_ms
-    return candidate if current_ms is None else max(current_ms, candidate)
-
-
-def topic_watermark(per_partition: dict, partitions) -> int | None:
-    """The minimum over partitions; None while any partition has no watermark yet."""
-    values = [per_partition.get(p) for p in partitions]
-    return None if not values or None in values else min(values)
-
-
-class TopicWatermark(WatermarkEstimator):
-    """State: ({partition: watermark ms}, ms since when every partition is idle, or None)."""
-
-    def __init__(self, state, delay_ms: int):
-        per_partition, idle_since = state or ({}, None)
-        self._per_partition = dict(per_partition)
-        self._idle_since_ms = idle_since
-        self._partitions: tuple[int, ...] = ()
-        self._delay_ms = delay_ms
-
-    def set_partitions(self, partitions) -> None:
-        """The partitions that hold the watermark back: those with offsets left to read
-        (the provider that creates the estimator does not see the element)."""
-        self._partitions = tuple(partitions)
-
-    def observe_timestamp(self, timestamp: Timestamp) -> None:
-        pass  # the DoFn sets the watermark per partition itself
-
-    def current_watermark(self) -> Timestamp | None:
-        ms = topic_watermark(self._per_partition, self._partitions)
-        return None if ms is None else Timestamp(micros=ms * 1000)
-
-    def get_estimator_state(self):
-        return dict(self._per_partition), self._idle_since_ms
-
-    def records_read(self, newest_by_partition: dict[int, int]) -> None:
-        now = _now_ms()
-        for partition, newest in newest_by_partition.items():
-            self._per_partition[partition] = watermark_after_records(
-                self._per_partition.get(partition), newest, self._delay_ms, now
-            )
-        if newest_by_partition:
-            self._idle_since_ms = None
-
-    def caught_up(self, partitions, all_idle: bool) -> int:
-        """Idle advance for caught-up ``partitions``; returns ms since every partition is
-        idle (0 unless ``all_idle``)."""
-        now = _now_ms()
-        for partition in partitions:
-            self._per_partition[partition] = watermark_when_idle(
-                self._per_partition.get(partition), self._delay_ms, now
-            )
-        if not all_idle:
-            self._idle_since_ms = None
-            return 0
-        if self._idle_since_ms is None:
-            self._idle_since_ms = now
-        return now - self._idle_since_ms
-
-
-# --- restriction ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Cursor:
-    start: int
-    stop: int
-    last: int | None = None  # last claimed offset
-
-
-class TopicOffsetsTracker(RestrictionTracker):
-    """Tracks one offset range per partition; positions are ``(partition, offset)``."""
-
-    def __init__(self, ranges: Ranges):
-        self._cursors = {p: _Cursor(start, stop) for p, start, stop in ranges}
-        self._checkpointed = False
-
-    def current_restriction(self) -> Ranges:
-        return tuple((p, c.start, c.stop) for p, c in sorted(self._cursors.items()))
-
-    def next_offset(self, partition: int) -> int:
-        c = self._cursors[partition]
-        return c.start if c.last is None else c.last + 1
-
-    def try_claim(self, position: tuple[int, int]) -> bool:
-        partition, offset = position
-        c = self._cursors[partition]
-        if offset < c.start or (c.last is not None and offset <= c.last):
-            raise ValueError(f"offset {offset} of partition {partition} claimed out of order")
-        if offset >= c.stop:
-            return False
-        c.last = offset
-        return True
-
-    def try_split(self, fraction_of_remainder):
-        # Only checkpoints (split where reading stands): the ranges' ends are unknown.
-        if fraction_of_remainder > 0 or self._checkpointed:
-            return None
-        primary, residual = [], []
-        for p, c in sorted(self._cursors.items()):
-            at = self.next_offset(p)
-            primary.append((p, c.start, at))
-            residual.append((p, at, c.stop))
-            c.stop = at
-        self._checkpointed = True
-        return tuple(primary), tuple(residual)
-
-    def check_done(self) -> None:
-        left = {p: (self.next_offset(p), c.stop) for p, c in self._cursors.items()}
-        unread = {p: r for p, r in left.items() if r[0] < r[1]}
-        if unread:
-            raise ValueError(f"partition ranges not fully claimed: {unread}")
-
-    def current_progress(self) -> RestrictionProgress:
-        # A plain fraction: Prism asks slow bundles for splits, and the SDK's split
-        # arithmetic turned the work-based form into NaN here ("cannot convert float NaN").
-        if not self.is_bounded():
-            return RestrictionProgress(fraction=0.0)  # an endless range is never further on
-        done = sum(self.next_offset(p) - c.start for p, c in self._cursors.items())
-        total = sum(c.stop - c.start for c in self._cursors.values())
-        return RestrictionProgress(fraction=done / total if total else 1.0)
-
-    def is_bounded(self) -> bool:
-        return all(c.stop < END for c in self._cursors.values())
-
-
-# --- reading -------------------------------------------------------------------------------
-
-
-def _consumer(bootstrap_servers: str, group_id: str | None, config: dict | None):
-    from confluent_kafka import Consumer
-
-    settings = {
-        "bootstrap.servers": bootstrap_servers,
-        # librdkafka wants a group even for assign(); offsets are committed only with group_id.
-        "group.id": group_id or "qis-beam-native-reader",
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "enable.partition.eof": False,
-        "queued.max.messages.kbytes": 32 * 1024,  # bounded prefetch
-    }
-    settings.update(config or {})
-    return Consumer(settings)
-
-
-def coordinator_not_ready(error) -> bool:
-    """A group coordinator still starting (fresh broker, new group): worth a retry."""
-    from confluent_kafka import KafkaError
-
-    transient = (
-        KafkaError.NOT_COORDINATOR,
-        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-        KafkaError.COORDINATOR_NOT_AVAILABLE,
-    )
-    kafka_error = error.args[0]
-    return kafka_error.retriable() or kafka_error.code() in transient
-
-
-class _ListPartitionsFn(beam.DoFn):
-    """Impulse -> (topic, ((partition, start offset), ...))."""
-
-    def __init__(self, bootstrap_servers, topic, group_id, config, metadata_timeout_s):
-        self._servers = bootstrap_servers
-        self._topic = topic
-        self._group_id = group_id
-        self._config = config
-        self._timeout_s = metadata_timeout_s
-
-    def process(self, _) -> Iterator[TopicStart]:
-        from confluent_kafka import TopicPartition
-
-        consumer = _consumer(self._servers, self._group_id, self._config)
-        try:
-            partitions = self._partitions(consumer)
-            starts = {
-                p: consumer.get_watermark_offsets(
-                    TopicPartition(self._topic, p), timeout=self._timeout_s
-                )[0]
-                for p in partitions
-            }
-            if self._group_id:
-                committed = self._committed(
-                    consumer, [TopicPartition(self._topic, p) for p in partitions]
-                )
-                for tp in committed:
-                    if tp.offset >= 0:  # OFFSET_INVALID (-1001) when nothing was committed
-                        starts[tp.partition] = max(starts[tp.partition], tp.offset)
-        finally:
-            consumer.close()
-        yield self._topic, tuple((p, starts[p]) for p in partitions)
-
-    def _committed(self, consumer, partitions):
-        from confluent_kafka import KafkaException
-
-        # A fresh broker answers NOT_COORDINATOR / COORDINATOR_LOAD_IN_PROGRESS for a while.
-        deadline = time.monotonic() + self._timeout_s
-        while True:
-            try:
-                return consumer.committed(partitions, timeout=self._timeout_s)
-            except KafkaException as error:
-                if not coordinator_not_ready(error) or time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.5)
-
-    def _partitions(self, consumer) -> list[int]:
-        # The first producer may still be creating the topic: wait for it a little.
-        deadline = time.monotonic() + self._timeout_s
-        while True:
-            metadata = consumer.list_topics(self._topic, timeout=self._timeout_s)
-            topic = metadata.topics.get(self._topic)
-            if topic is not None and topic.error is None and topic.partitions:
-                return sorted(topic.partitions)
-            if time.monotonic() >= deadline:
-                error = topic.error if topic is not None else "no metadata"
-                raise RuntimeError(
-                    f"Kafka topic {self._topic!r} not found on {self._servers}: {error}"
-                )
-            time.sleep(0.5)
 
 
 # No provider given: the DoFn itself provides restrictions and watermark estimators.
@@ -365,7 +138,7 @@ class _ReadTopicFn(beam.DoFn, RestrictionProvider, WatermarkEstimatorProvider):
         wanted = {p: tracker.next_offset(p) for p in tracker.open_partitions()}
         reader = self._readers.get(topic)
         if reader is None:
-            reader = [_consumer(self._servers, self._group_id, self._config), None]
+            reader = [make_consumer(self._servers, self._group_id, self._config), None]
             self._readers[topic] = reader
         if reader[1] != wanted:  # assign+seek only when not already there (keeps prefetch)
             reader[0].assign([TopicPartition(topic, p, o) for p, o in wanted.items()])
@@ -418,7 +191,7 @@ class _ReadTopicFn(beam.DoFn, RestrictionProvider, WatermarkEstimatorProvider):
                     continue
                 ts_type, ts_ms = message.timestamp()
                 if ts_type == 0 or ts_ms is None or ts_ms < 0:  # TIMESTAMP_NOT_AVAILABLE
-                    ts_ms = _now_ms()
+                    ts_ms = wall_ms()
                 newest[partition] = max(newest.get(partition, ts_ms), ts_ms)
                 positions[partition] = offset + 1
                 read += 1
@@ -448,7 +221,7 @@ class _ReadTopicFn(beam.DoFn, RestrictionProvider, WatermarkEstimatorProvider):
     def process(
         self, element: TopicStart, tracker=_OWN_RESTRICTION, watermark=_OWN_WATERMARK
     ) -> Iterator[TimestampedValue]:
-        yield from self.read(element, _TrackerAccess(tracker), watermark)
+        yield from self.read(element, TrackerAccess(tracker), watermark)
 
 
 class _CommittingReadTopicFn(_ReadTopicFn):
@@ -464,61 +237,13 @@ class _CommittingReadTopicFn(_ReadTopicFn):
         tracker=_OWN_RESTRICTION,
         watermark=_OWN_WATERMARK,
     ) -> Iterator[TimestampedValue]:
-        access = _TrackerAccess(tracker)
+        access = TrackerAccess(tracker)
         yield from self.read(element, access, watermark)
         topic = element[0]
         offsets = {p: access.next_offset(p) for p, _, _ in access.ranges()}
         consumer = self._readers[topic][0] if topic in self._readers else None
         # Registered for every bundle: Prism finalizes each bundle of a DoFn that asks for it.
-        finalizer.register(lambda: _commit(consumer, topic, offsets))
-
-
-def _commit(consumer, topic: str, offsets: dict[int, int]) -> None:
-    from confluent_kafka import TopicPartition
-
-    if consumer is not None and offsets:
-        consumer.commit(
-            offsets=[TopicPartition(topic, p, o) for p, o in offsets.items()], asynchronous=True
-        )
-
-
-class _TrackerAccess:
-    """Partition bookkeeping over the SDK's thread-safe tracker view (which exposes only
-    try_claim, current_restriction and defer_remainder)."""
-
-    def __init__(self, view):
-        self._view = view
-        self._next: dict[int, int] = {p: start for p, start, _ in view.current_restriction()}
-        self._closed: set[int] = set()  # ranges that refused a claim (split or bounded)
-
-    def ranges(self) -> Ranges:
-        return self._view.current_restriction()
-
-    def stop_of(self, partition: int) -> int:
-        return next(stop for p, _, stop in self.ranges() if p == partition)
-
-    def next_offset(self, partition: int) -> int:
-        """The offset after the last claimed one (what a group commits)."""
-        return self._next[partition]
-
-    def open_partitions(self) -> list[int]:
-        return [p for p, _, stop in self.ranges() if p not in self._closed and self._next[p] < stop]
-
-    def try_claim(self, position: tuple[int, int]) -> bool:
-        if self._view.try_claim(position):
-            self._next[position[0]] = position[1] + 1
-            return True
-        self._closed.add(position[0])
-        return False
-
-    def finish(self) -> None:
-        """Ends the restriction: claims each open range's last position."""
-        for p in self.open_partitions():
-            self._view.try_claim((p, self.stop_of(p) - 1))
-            self._closed.add(p)
-
-    def defer_remainder(self, delay=None) -> None:
-        self._view.defer_remainder(delay)
+        finalizer.register(lambda: commit(consumer, topic, offsets))
 
 
 class ReadKafkaEnvelopes(beam.PTransform):
@@ -571,7 +296,7 @@ class ReadKafkaEnvelopes(beam.PTransform):
             | "Impulse" >> beam.Impulse()
             | "ListPartitions"
             >> beam.ParDo(
-                _ListPartitionsFn(
+                ListPartitionsFn(
                     self._servers,
                     self._topic,
                     self._group_id,

@@ -19,18 +19,8 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 REGION="${REGION:-us-central1}"
 REPOSITORY="${REPOSITORY:-qis-beam}"
 
-if [[ -n "${QIS_BEAM:-}" ]]; then
-  read -r -a QIS <<<"$QIS_BEAM"
-elif command -v qis-beam >/dev/null 2>&1; then
-  QIS=(qis-beam)
-else
-  QIS=(python -m qis_beam.cli)
-fi
-
-usage() {
-  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
-  exit "${1:-2}"
-}
+# shellcheck source=../common.sh
+source "$HERE/../common.sh"
 
 need_gcp() {
   : "${PROJECT:?set PROJECT to the GCP project id}"

@@ -32,18 +32,8 @@ KAFKA_BOOTSTRAP="${KAFKA_BOOTSTRAP:-kafka:9092}"
 QIS_KAFKA_EXPANSION_SERVICE="${QIS_KAFKA_EXPANSION_SERVICE:-localhost:8096}"
 FLINK_REST="${FLINK_REST:-http://localhost:8081}"
 
-if [[ -n "${QIS_BEAM:-}" ]]; then
-  read -r -a QIS <<<"$QIS_BEAM"
-elif command -v qis-beam >/dev/null 2>&1; then
-  QIS=(qis-beam)
-else
-  QIS=(python -m qis_beam.cli)
-fi
-
-usage() {
-  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
-  exit "${1:-2}"
-}
+# shellcheck source=../common.sh
+source "$HERE/../common.sh"
 
 # Beam options for the chosen submission path (the `flink` profile supplies the rest).
 EXTRA=()

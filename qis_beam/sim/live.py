@@ -1,6 +1,6 @@
-"""``qis-beam simulate --live`` and ``qis-beam publish``: a swarm on the wall clock.
+"""``qis-beam simulate --live``: a swarm on the wall clock, sent onto a transport.
 
-The live swarm is :mod:`qis_beam.simulate`'s swarm (same seed -> same node keys, problems,
+The live swarm is :mod:`qis_beam.sim.swarm`'s swarm (same seed -> same node keys, problems,
 approaches and hidden truth; same duplicate, conflicting, malformed and late fractions),
 but each record's times are set from the moment it is sent: a record scheduled at wall time
 ``t`` carries ``event_time = t - delay`` and ``emit_time = t - (delay - network)``, where
@@ -14,23 +14,22 @@ stream), so memory stays small however long the run. Within a segment the order 
 except that a re-sent copy always comes after its original; records are sent at a steady
 ``rate``, sleeping between them. When the sender cannot keep up, the schedule is re-based at
 the next segment instead of sending a burst.
-
-``publish`` sends an existing TFRecord log as it is: each record keeps its own event time as
-its Kafka timestamp / Pub/Sub attribute.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from qis_beam import simulate as sim
+from qis_beam.sim.files import SimulationReport
+from qis_beam.sim.packets import draw_resends, draw_rows, records_in_log_order
+from qis_beam.sim.sending import Pacer, PublishStats, end_progress, progress_printer
+from qis_beam.sim.swarm import Swarm, SwarmConfig, draw_swarm, write_registry, write_truth
 from qis_beam.transports import Transport
 from qis_beam.validation import INGEST_REASONS
 
@@ -39,52 +38,6 @@ MIN_SEGMENT_PACKETS = 200
 # Bounds the up-front draw at high rates (a segment's copies and malformed records are spread
 # over it, so a run cut short mid-segment still has its share of them).
 MAX_SEGMENT_PACKETS = 20_000
-
-
-@dataclasses.dataclass
-class PublishStats:
-    records: int = 0
-    elapsed_s: float = 0.0
-
-    @property
-    def rate(self) -> float:
-        return self.records / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-
-class _Pacer:
-    """Sends at ``rate`` records/s; ``until`` (monotonic) or ``limit`` records end the run."""
-
-    def __init__(self, rate: float | None, duration_s: float | None, clock, sleep):
-        self.rate = rate
-        self._clock, self._sleep = clock, sleep
-        self.started = clock()  # for the stats; the schedule starts at self._origin
-        self._origin = self.started
-        self.until = self.started + duration_s if duration_s is not None else None
-        self.sent = 0
-
-    def expired(self) -> bool:
-        return self.until is not None and self._clock() >= self.until
-
-    def wait_turn(self) -> bool:
-        """Sleep until the next record is due; False once the duration is over."""
-        if self.rate:
-            due = self._origin + self.sent / self.rate
-            delay = due - self._clock()
-            if delay > 0:
-                if self.until is not None and due >= self.until:
-                    return False
-                self._sleep(delay)
-        return not self.expired()
-
-    def behind_s(self) -> float:
-        if not self.rate:
-            return 0.0
-        return self._clock() - (self._origin + self.sent / self.rate)
-
-    def rebase(self) -> None:
-        """Forget a backlog: the next record is due now."""
-        if self.rate:
-            self._origin = self._clock() - self.sent / self.rate
 
 
 @dataclasses.dataclass
@@ -98,7 +51,7 @@ class _Segment:
 
 def _segment(
     rng: np.random.Generator,
-    config: sim.SwarmConfig,
+    config: SwarmConfig,
     swarm,
     packets: int,
     first_due_ms: int,
@@ -112,9 +65,9 @@ def _segment(
     seg_config = dataclasses.replace(
         seg_config, span_ms=max(1, round(1000 * records_estimate / rate))
     )
-    rows = sim._draw_rows(rng, seg_config, swarm, total_rows)
+    rows = draw_rows(rng, seg_config, swarm, total_rows)
     valid_rows = np.setdiff1d(np.arange(total_rows), rows.malformed)
-    resends = sim._draw_resends(rng, seg_config, swarm, rows, valid_rows)
+    resends = draw_resends(rng, seg_config, swarm, rows, valid_rows)
     delay_event = rows.arrival - rows.event  # what the batch simulator drew: kept
     delay_emit = rows.arrival - rows.emit
 
@@ -152,7 +105,7 @@ def _segment(
     source_row = np.concatenate(
         [np.arange(n_rows), resends.exact_sources, resends.conflict_sources]
     )
-    records = sim._records_in_log_order(seg_config, swarm, rows, resends, order)
+    records = records_in_log_order(seg_config, swarm, rows, resends, order)
     return _Segment(
         records,
         kind[order],
@@ -166,50 +119,27 @@ def _segment(
 class LiveReport:
     to: str
     stats: PublishStats
-    counts: sim.SimulationReport
+    counts: SimulationReport
     files: list[str]
 
 
-def _write_nodes(out_dir: str, config: sim.SwarmConfig, swarm) -> str:
-    path = os.path.join(out_dir, "nodes.txt")
-    with open(path, "w", encoding="ascii") as f:
-        f.write(
-            f"# qis-beam node registry: {config.nodes} Ed25519 public keys (hex), one per line\n"
-            f"# simulated live swarm, seed {config.seed}\n"
-        )
-        f.writelines(key.public_key.hex() + "\n" for key in swarm.keys)
-    return path
-
-
-def _write_truth(out_dir: str, config, swarm, report, n_packets, pairs, stats, to) -> str:
-    addresses = {}
-    for a, address in enumerate(swarm.addresses):
-        effects = dict(zip(swarm.approaches[a], swarm.effects[a].tolist(), strict=True))
-        addresses[address.hex()] = {
-            "template_id": swarm.template_ids[a],
-            "context": swarm.contexts[a],
-            "best_approach": swarm.approaches[a][int(np.argmax(swarm.effects[a]))],
-            "effects": effects,
-            "n_packets": int(n_packets[a]),
-            "n_nodes": len({node for address_index, node in pairs if address_index == a}),
-        }
+def _write_truth(out_dir: str, config, swarm: Swarm, report, n_packets, pairs, stats, to) -> str:
+    n_nodes = [len({node for index, node in pairs if index == a}) for a in range(config.addresses)]
     truth = {
         "seed": config.seed,
         "live": {"to": to, "records": stats.records, "seconds": round(stats.elapsed_s, 3)},
         "config": dataclasses.asdict(config),
-        "addresses": addresses,
+        "addresses": swarm.address_truth(n_packets, n_nodes),
         "counts": report.counts(),
         "unregistered_public_keys": [k.public_key.hex() for k in swarm.unregistered],
     }
     path = os.path.join(out_dir, "truth.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(truth, f, indent=1, sort_keys=True)
-        f.write("\n")
+    write_truth(path, truth)
     return path
 
 
 def run_live(
-    config: sim.SwarmConfig,
+    config: SwarmConfig,
     transport: Transport,
     rate: float,
     *,
@@ -225,11 +155,12 @@ def run_live(
     (forever if neither; Ctrl-C ends it cleanly). ``out_dir`` gets nodes.txt (the registry
     for ``run --node-registry``) at the start and truth.json with what was sent at the end."""
     rng = np.random.Generator(np.random.PCG64(config.seed))
-    swarm = sim._draw_swarm(rng, config)
+    swarm = draw_swarm(rng, config)
     files = []
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        files.append(_write_nodes(out_dir, config, swarm))
+        files.append(os.path.join(out_dir, "nodes.txt"))
+        write_registry(files[-1], swarm.keys, f"simulated live swarm, seed {config.seed}")
     per_record = 1.0 + config.duplicate_fraction + config.malformed_fraction
     segment_packets = min(
         MAX_SEGMENT_PACKETS,
@@ -239,7 +170,7 @@ def run_live(
     malformed = dict.fromkeys(INGEST_REASONS, 0)
     n_packets = np.zeros(config.addresses, dtype=np.int64)
     pairs: set[tuple[int, int]] = set()
-    pacer = _Pacer(rate, duration_s, clock, sleep)
+    pacer = Pacer(rate, duration_s, clock, sleep)
     sent_packets = 0
     try:
         while not pacer.expired() and (packets is None or sent_packets < packets):
@@ -273,7 +204,7 @@ def run_live(
     finally:
         transport.flush()
     stats = PublishStats(pacer.sent, clock() - pacer.started)
-    report = sim.SimulationReport(
+    report = SimulationReport(
         out_dir=out_dir or "",
         files=list(files),
         records=pacer.sent,
@@ -289,69 +220,11 @@ def run_live(
     return LiveReport(str(getattr(transport, "url", "")), stats, report, files)
 
 
-def publish_records(
-    records: Iterable[bytes],
-    transport: Transport,
-    rate: float | None = None,
-    progress: Callable[[PublishStats], None] | None = None,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
-) -> PublishStats:
-    """Send records as they are (each keeps its own event time), at ``rate``/s or at once."""
-    pacer = _Pacer(rate, None, clock, sleep)
-    try:
-        for record in records:
-            pacer.wait_turn()
-            transport.publish(record)
-            pacer.sent += 1
-            if progress is not None and pacer.sent % 1000 == 0:
-                progress(PublishStats(pacer.sent, clock() - pacer.started))
-    finally:
-        transport.flush()
-    return PublishStats(pacer.sent, clock() - pacer.started)
-
-
-def log_records(paths: Iterable[str]) -> Iterator[bytes]:
-    """Records of TFRecord logs in path order. A file's torn tail is sent as one record, so
-    the stream dead-letters it as ``undecodable`` just as a backfill of the file does."""
-    from qis_beam.tfrecords import read_file, split_records
-
-    for path in paths:
-        records, error = split_records(read_file(path))
-        yield from records
-        if error is not None:
-            yield error.rest
-
-
-# --- the two commands (qis_beam/cli.py parses the arguments) ---------------------------------
-
-
-def _progress_printer(label: str) -> Callable[[PublishStats], None] | None:
-    """Progress on a terminal only: logs and CI output stay clean."""
-    if not sys.stderr.isatty():
-        return None
-
-    def show(stats: PublishStats) -> None:
-        print(
-            f"\r  {label} {stats.records} records ({stats.rate:.0f}/s)",
-            end="",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    return show
-
-
-def _end_progress(progress) -> None:
-    if progress is not None:
-        print(file=sys.stderr)
-
-
-def simulate_live_command(config: sim.SwarmConfig, args) -> int:
+def simulate_live_command(config: SwarmConfig, args) -> int:
     """``qis-beam simulate --live --rate R --to URL [--duration D | --packets N] [--out DIR]``."""
     from qis_beam.transports import TransportError, open_transport
 
-    progress = _progress_printer("sent")
+    progress = progress_printer("sent")
     try:
         with open_transport(args.to) as transport:
             report = run_live(
@@ -364,10 +237,10 @@ def simulate_live_command(config: sim.SwarmConfig, args) -> int:
                 progress=progress,
             )
     except TransportError as error:
-        _end_progress(progress)
+        end_progress(progress)
         print(f"qis-beam simulate: {error}", file=sys.stderr)
         return 1
-    _end_progress(progress)
+    end_progress(progress)
     counts = report.counts
     print(
         f"sent {counts.records} records ({counts.valid} valid, {counts.duplicates} duplicates, "
@@ -376,24 +249,4 @@ def simulate_live_command(config: sim.SwarmConfig, args) -> int:
     )
     for path in report.files:
         print(f"  {path}")
-    return 0
-
-
-def publish_command(paths: list[str], args) -> int:
-    """``qis-beam publish --input GLOB --to URL [--rate R]``."""
-    from qis_beam.transports import TransportError, open_transport
-
-    progress = _progress_printer("published")
-    try:
-        with open_transport(args.to) as transport:
-            stats = publish_records(log_records(paths), transport, args.rate, progress)
-    except TransportError as error:
-        _end_progress(progress)
-        print(f"qis-beam publish: {error}", file=sys.stderr)
-        return 1
-    _end_progress(progress)
-    print(
-        f"published {stats.records} records from {len(paths)} files to {args.to} "
-        f"in {stats.elapsed_s:.1f}s ({stats.rate:.0f}/s)"
-    )
     return 0
