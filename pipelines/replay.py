@@ -8,6 +8,7 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
+from qis_beam import progress
 from qis_beam.pipelines.streaming import build_streaming_graph
 from qis_beam.replay import ReplayPlan
 from qis_beam.settings import Settings
@@ -41,4 +42,13 @@ def build_replay(
     settings: Settings,
 ):
     records = pipeline | "ReplayPacketLog" >> replay_source(plan, drain_until_ms)
+    if progress.active():  # a terminal watches this run, in this process
+        records = records | "ReplayProgress" >> beam.Map(_counted).with_output_types(
+            tuple[bytes, str]
+        )
     build_streaming_graph(records, output_dir, settings, write=WriteJsonLinesOnDrain, tally=True)
+
+
+def _counted(element: tuple[bytes, str]) -> tuple[bytes, str]:
+    progress.advance(1)
+    return element

@@ -13,33 +13,11 @@ expansion service).
 
 from __future__ import annotations
 
-import dataclasses
-
 import apache_beam as beam
 
 from qis_beam.pipelines.streaming import build_streaming_graph
-from qis_beam.settings import Settings
+from qis_beam.settings import Settings, SourceSettings
 from qis_beam.transforms.outputs import WriteJsonLinesContinuously
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceSettings:
-    kind: str  # "kafka" | "pubsub"
-    topic: str | None = None  # Kafka topic, or projects/P/topics/T
-    subscription: str | None = None  # Pub/Sub only: projects/P/subscriptions/S
-    bootstrap_servers: str | None = None  # Kafka only
-    kafka_timestamp_policy: str = "CreateTime"
-    kafka_expansion_service: str | None = None  # host:port; None lets Beam start one
-    # Kafka reader: "native" (qis_beam.transforms.kafka_read, Python, any runner) or "xlang"
-    # (Beam's ReadFromKafka: Java expansion service + a runner that runs Java). None: xlang
-    # when an expansion service is given, else native.
-    kafka_reader: str | None = None
-    kafka_group_id: str | None = None  # native: commit offsets, resume from them
-    kafka_watermark_delay_ms: int = 60_000  # native: watermark trails record times by this
-    kafka_stop_when_idle_s: float | None = None  # native: end the job once drained (tests)
-    timestamp_attribute: str | None = None  # Pub/Sub only
-    flush_seconds: int = 60  # how often output files are written
-    output_shards: int = 1  # files per output and flush: raise it when one writer cannot keep up
 
 
 def kafka_reader(source: SourceSettings) -> str:
@@ -66,7 +44,11 @@ def read_envelopes(pipeline: beam.Pipeline, source: SourceSettings):
             source.topic,
             group_id=source.kafka_group_id,
             watermark_delay_ms=source.kafka_watermark_delay_ms,
-            stop_when_idle_s=source.kafka_stop_when_idle_s,
+            stop_when_idle_s=(
+                None
+                if source.kafka_stop_when_idle_ms is None
+                else source.kafka_stop_when_idle_ms / 1000
+            ),
         )
     elif source.kind == "kafka":
         from apache_beam.io.kafka import ReadFromKafka  # cross-language: Java expansion service

@@ -1,10 +1,11 @@
 """Running a pipeline as a job: options, the run itself, then store and summary.
 
-Shared by ``backfill`` and ``replay``. A run writes aside, into ``DIR/_run-<id>/``, loads its
-synthesis into a copy of the default store there (or, with ``--store URL``, into that store
-once published), writes summary.json, commits and publishes by renames
-(:mod:`qis_beam.publish`): a run killed at any moment leaves the previous outputs and store
-as they were, and the next run clears what it left.
+Every command that runs a pipeline goes through here: ``backfill`` (:func:`run_job`), ``replay``
+(:func:`run_replay`) and ``run`` (:func:`run_streaming`). A bounded run writes aside, into
+``DIR/_run-<id>/``, loads its synthesis into a copy of the default store there (or, with
+``--store URL``, into that store once published), writes summary.json, commits and publishes
+by renames (:mod:`qis_beam.publish`): a run killed at any moment leaves the previous outputs
+and store as they were, and the next run clears what it left.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
+from qis_beam.progress import Progress
 from qis_beam.publish import (
     STORE_NAME,
     apply,
@@ -43,7 +45,7 @@ from qis_beam.transforms.outputs import (
     staged,
 )
 
-__all__ = ["STORE_NAME", "pipeline_options", "run_job", "run_replay"]
+__all__ = ["STORE_NAME", "pipeline_options", "run_job", "run_replay", "run_streaming"]
 
 
 def pipeline_options(beam_args: Sequence[str], default_runner: str, **overrides) -> PipelineOptions:
@@ -191,22 +193,61 @@ def replay_drain_ms(plan: ReplayPlan, settings: Settings) -> int:
     return (plan.last_event_ms or 0) + horizon + stream.emit_every_ms + 3_600_000
 
 
+def run_streaming(
+    build: Callable[[beam.Pipeline], Any],
+    options: PipelineOptions,
+    wait: bool = False,
+    on_submitted: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Submit an unbounded pipeline (or, for a dry run, only translate it). With ``wait``,
+    block until it ends; Ctrl-C cancels it (files flushed so far stay, see
+    ``WriteJsonLinesContinuously``) and the result says ``cancelled``."""
+    if is_dry_run(options):
+        return translate_only(build, options)
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline)
+    result = pipeline.run()
+    if on_submitted is not None:
+        on_submitted(str(result.state))
+    cancelled = False
+    if wait:
+        try:
+            result.wait_until_finish()
+        except KeyboardInterrupt:  # a local job on an unbounded source never ends by itself
+            result.cancel()
+            cancelled = True
+    return {
+        "dry_run": False,
+        "runner": options.view_as(StandardOptions).runner,
+        "state": str(result.state),
+        "cancelled": cancelled,
+    }
+
+
 def run_replay(
-    paths: Sequence[str], output_dir: str, settings: Settings, beam_args: Sequence[str] = ()
+    paths: Sequence[str],
+    output_dir: str,
+    settings: Settings,
+    beam_args: Sequence[str] = (),
+    progress: Progress | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Replay logs through the streaming graph on the BundleBasedDirectRunner."""
+    """Replay logs through the streaming graph on the BundleBasedDirectRunner; ``progress``
+    shows the planning, then the records replayed."""
     import contextlib
 
+    from qis_beam.beam_internals.replay_speedups import indexed_direct_timers, memoised_dofn_specs
     from qis_beam.pipelines.replay import build_replay
     from qis_beam.replay import check_replay_runner
-    from qis_beam.beam_internals.replay_speedups import indexed_direct_timers, memoised_dofn_specs
 
     options = pipeline_options(beam_args, default_runner="BundleBasedDirectRunner", streaming=True)
     runner = check_replay_runner(options.view_as(StandardOptions).runner)
     # Watermark steps no larger than the shortest timer period (beam-facts.md); each step
     # costs the DirectRunner a round over every stage, so not smaller either.
     step_ms = max(1_000, min(settings.stream.emit_every_ms, settings.windows.bucket_ms))
+    progress = progress or Progress(enabled=False)
+    progress.stage("replay: reading logs", unit="")
     plan = plan_replay(paths, settings.stream.watermark_delay_ms, step_ms)
+    progress.stage("replay", total=plan.records, unit="records")
     # The DoFn-spec patch lives only as long as this run (and only on the DirectRunner).
     direct = runner == "BundleBasedDirectRunner"
     with (

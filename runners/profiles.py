@@ -76,8 +76,9 @@ FLINK_VERSION = "1.20"
 #: Python minor version of the SDK worker images; the launching interpreter must match it.
 PYTHON_VERSION = "3.11"
 
-# The checkout's setup.py (``runners/`` sits at the repository root; ``qis_beam/runners`` is a
-# symlink to it). Absent from an installed wheel, where workers get the code from a container.
+# The checkout's setup.py (``runners/`` sits at the repository root; an editable install maps
+# ``qis_beam.runners`` to it). Absent from an installed wheel, where workers get the code from a
+# container.
 _SETUP_PY = Path(__file__).resolve().parents[1] / "setup.py"
 
 #: Options of each profile in every mode.

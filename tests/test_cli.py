@@ -1,14 +1,29 @@
-"""End to end through the command line: simulate -> backfill -> query, replay, bad input."""
+"""Through the command line: simulate -> backfill -> query, replay, bad input, the parser derived
+from the settings, each command's own options, progress and pipes.
+
+Pipelines run on the runner each test names: FnApiRunner (backfill), BundleBasedDirectRunner
+(replay), DataflowRunner --dry_run (translation only, offline).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
+from qis_beam import options as table
 from qis_beam.cli import main
+from qis_beam.cli.parser import build_parser
+from qis_beam.cli.pipelines import settings as settings_of
+from qis_beam.settings import STREAMING_DEFAULTS, Settings, SourceSettings, WindowSettings
 from qis_beam.transforms.outputs import read_json_lines
+from qis_beam.wire import HOUR_MS
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +72,7 @@ def backfilled(swarm, tmp_path_factory):
     return output
 
 
+@pytest.mark.slow
 def test_backfill_summary_balances_with_every_reason(swarm, backfilled, capsys):
     summary = json.loads((backfilled / "summary.json").read_text())
     truth = json.loads((swarm / "truth.json").read_text())
@@ -70,6 +86,7 @@ def test_backfill_summary_balances_with_every_reason(swarm, backfilled, capsys):
     assert summary["runner"] == "FnApiRunner" and summary["wall_time_s"] > 0
 
 
+@pytest.mark.slow
 def test_query_by_context_matches_truth(swarm, backfilled, capsys):
     truth = json.loads((swarm / "truth.json").read_text())
     hits = 0
@@ -97,6 +114,7 @@ def test_query_by_context_matches_truth(swarm, backfilled, capsys):
     assert hits >= len(truth["addresses"]) - 1
 
 
+@pytest.mark.slow
 def test_query_windows_and_errors(swarm, backfilled, capsys):
     address = next(iter(json.loads((swarm / "truth.json").read_text())["addresses"]))
     db = str(backfilled / "intelligence.db")
@@ -108,33 +126,166 @@ def test_query_windows_and_errors(swarm, backfilled, capsys):
     assert main(["query", "--store", str(backfilled / "missing.db"), "--address", "0" * 64]) == 3
 
 
+@pytest.fixture
+def one_log(tmp_path):
+    """An input glob that matches (an empty log), so no case fails on "no files match"."""
+    (tmp_path / "packets-0.tfrecord").write_bytes(b"")
+    return str(tmp_path / "packets-*.tfrecord")
+
+
 @pytest.mark.parametrize(
-    "argv",
+    "argv, message",
     [
-        ["backfill", "--input", "x"],
-        ["backfill", "--input", "/nonexistent/*.tfrecord", "--output", "/tmp/x"],
-        ["backfill", "--input", "x", "--output", "y", "--window", "5q"],
-        ["backfill", "--input", "x", "--output", "y", "--bogus-flag", "1"],
-        ["simulate", "--out", "/tmp/x", "--packets", "0"],
-        ["simulate", "--out", "/tmp/x", "--approaches", "1"],
-        ["query", "--store", "x.db", "--address", "abc"],
-        ["query", "--store", "x.db", "--template", "t/v1"],
-        ["replay", "--input", "x", "--output", "y", "--min-support", "-1"],
-        ["run", "--source", "kafka", "--output", "y"],
-        ["nonsense"],
+        (["backfill", "--input", "IN"], "the following arguments are required: --output"),
+        (
+            ["backfill", "--input", "/nonexistent/*.tfrecord", "--output", "OUT"],
+            "--input /nonexistent/*.tfrecord: no files match",
+        ),
+        (["backfill", "--input", "IN", "--output", "OUT", "--window", "5q"], "not a duration"),
+        (
+            ["backfill", "--input", "IN", "--output", "OUT", "--bogus-flag", "1"],
+            "unrecognized arguments: --bogus-flag 1",
+        ),
+        (
+            ["backfill", "--input", "IN", "--output", "OUT", "--window-period", "25m"],
+            "--window-period must be positive and divide --window",
+        ),
+        (
+            ["backfill", "--input", "IN", "--output", "OUT", "--node-registry", "/nonexistent"],
+            "--node-registry: ",
+        ),
+        (["simulate", "--out", "OUT", "--packets", "0"], "must be positive: '0'"),
+        (["simulate", "--out", "OUT", "--approaches", "1"], "approaches must be in [2"),
+        (["query", "--store", "x.db", "--address", "abc"], "--address must be 64 hex"),
+        (["query", "--store", "x.db", "--template", "t/v1"], "--template needs --context"),
+        (
+            ["replay", "--input", "IN", "--output", "OUT", "--min-support", "-1"],
+            "--min-support: must be positive: '-1'",
+        ),
+        (
+            ["run", "--source", "kafka", "--output", "OUT"],
+            "--source kafka needs --input-topic and --bootstrap-servers",
+        ),
+        (["nonsense"], "invalid choice: 'nonsense'"),
     ],
 )
-def test_bad_arguments_give_one_line_and_exit_2(argv, capsys):
+def test_bad_arguments_give_one_line_and_exit_2(argv, message, one_log, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    argv = [one_log if a == "IN" else out if a == "OUT" else a for a in argv]
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err and "\n" not in err and "Traceback" not in err
+    err = capsys.readouterr().err
+    prefix = "qis-beam:" if argv == ["nonsense"] else f"qis-beam {argv[0]}"
+    assert err.count("\n") == 1 and err.startswith(prefix), err
+    assert message in err, err
+    assert not os.path.exists(out)
 
 
-def test_help_exits_zero(capsys):
-    with pytest.raises(SystemExit) as exit_info:
+STREAMING_ONLY = {
+    "--allowed-lateness": "2h",
+    "--early-firing-count": "5",
+    "--early-firing-delay": "30s",
+    "--emit-every": "5m",
+    "--state-ttl": "1d",
+    "--dedupe-ttl": "1d",
+}
+BATCH_ONLY = {"--hot-key-fanout": "4", "--dedupe-shards": "8", "--read-batch-size": "1000"}
+RUN_ONLY = {"--flush-every": "1m", "--output-shards": "2", "--source": "kafka"}
+
+
+def _refused(argv, flag, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err and "does not use it" in err, err
+    return err
+
+
+@pytest.mark.parametrize("flag", [*STREAMING_ONLY, "--watermark-delay", *RUN_ONLY])
+def test_backfill_refuses_options_of_the_streaming_commands(flag, one_log, tmp_path, capsys):
+    value = {**STREAMING_ONLY, **RUN_ONLY, "--watermark-delay": "2m"}[flag]
+    base = ["backfill", "--input", one_log, "--output", str(tmp_path / "out")]
+    for form in ([flag, value], [f"{flag}={value}"]):  # never forwarded to Beam, either form
+        err = _refused([*base, *form], flag, capsys)
+        assert err.startswith("qis-beam backfill: ") and "unrecognized" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", list(BATCH_ONLY))
+def test_replay_and_run_refuse_batch_only_options(flag, one_log, tmp_path, capsys):
+    replay = ["replay", "--input", one_log, "--output", str(tmp_path / "out")]
+    run = ["run", "--input-topic", "projects/p/topics/t", "--output", str(tmp_path / "out")]
+    for argv in (replay, run):
+        err = _refused([*argv, flag, BATCH_ONLY[flag]], flag, capsys)
+        assert err.startswith(f"qis-beam {argv[0]}: ") and "backfill" in err
+
+
+@pytest.mark.parametrize("flag", ["--watermark-delay", *RUN_ONLY])
+def test_replay_and_run_refuse_each_others_options(flag, one_log, tmp_path, capsys):
+    value = {**RUN_ONLY, "--watermark-delay": "2m"}[flag]
+    if flag == "--watermark-delay":
+        argv = ["run", "--input-topic", "projects/p/topics/t", "--output", "o"]
+    else:
+        argv = ["replay", "--input", one_log, "--output", str(tmp_path / "out")]
+    _refused([*argv, flag, value], flag, capsys)
+
+
+def _parsed_settings(argv):
+    args, beam_args = build_parser().parse_known_args(argv)
+    assert beam_args == []
+    return args, settings_of(args, args.command)
+
+
+def _without_clock(settings: Settings) -> Settings:
+    return dataclasses.replace(
+        settings, validation=dataclasses.replace(settings.validation, now_ms=None)
+    )
+
+
+def test_derived_parser_defaults_are_the_dataclass_defaults():
+    _, batch = _parsed_settings(["backfill", "--input", "i", "--output", "o"])
+    assert batch.validation.now_ms is not None  # a bounded run fixes its clock
+    assert _without_clock(batch) == Settings()
+    _, replay = _parsed_settings(["replay", "--input", "i", "--output", "o"])
+    assert _without_clock(replay) == STREAMING_DEFAULTS
+    args, run = _parsed_settings(["run", "--output", "o"])
+    assert run == STREAMING_DEFAULTS and run.validation.now_ms is None  # wall clock per record
+    assert (
+        table.source_from({o.flag: getattr(args, o.dest) for o in table.options_for("run")})
+        == SourceSettings()
+    )
+
+
+def test_flags_set_their_fields():
+    argv = ["replay", "--input", "i", "--output", "o", "--window", "2h", "--window-period"]
+    argv += ["30m", "--max-clock-skew", "90s", "--min-nodes", "2", "--allow-unsigned"]
+    argv += ["--dedupe-ttl", "3d", "--early-firing-count", "0", "--watermark-delay", "5s"]
+    _, got = _parsed_settings(argv)
+    assert (got.windows.size_ms, got.windows.period_ms) == (2 * HOUR_MS, HOUR_MS // 2)
+    assert got.validation.max_clock_skew_ms == 90_000 and got.validation.allow_unsigned
+    assert got.synthesis.min_nodes == 2 and got.windows.early_firing_count == 0
+    assert got.stream.dedupe_ttl_ms == 72 * HOUR_MS and got.stream.watermark_delay_ms == 5_000
+
+
+def test_defaults_and_help_follow_the_dataclass(monkeypatch, capsys):
+    """A default changed in the settings changes the parser and its help, nowhere else."""
+    changed = Settings(windows=WindowSettings(size_ms=2 * HOUR_MS))
+    monkeypatch.setattr(table, "defaults_for", lambda command: changed)
+    _, got = _parsed_settings(["backfill", "--input", "i", "--output", "o"])
+    assert got.windows.size_ms == 2 * HOUR_MS
+    with pytest.raises(SystemExit):
         main(["backfill", "--help"])
-    assert exit_info.value.code == 0
-    assert "--allowed-lateness" in capsys.readouterr().out
+    assert "event-time window size (default 2h)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_help_exits_zero_and_lists_only_the_commands_options(capsys):
+    helps = {}
+    for command in ("backfill", "replay", "run"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        helps[command] = capsys.readouterr().out
+    assert "--allowed-lateness" not in helps["backfill"] and "--hot-key-fanout" in helps["backfill"]
+    assert "--allowed-lateness" in helps["replay"] and "--hot-key-fanout" not in helps["replay"]
+    assert "--flush-every" in helps["run"] and "--watermark-delay" not in helps["run"]
 
 
 def _close(a, b) -> bool:
@@ -147,6 +298,7 @@ def _close(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.slow
 def test_replay_agrees_with_backfill_when_nothing_is_too_late(tmp_path, capsys):
     swarm = tmp_path / "swarm"
     # no duplicates: the streaming rule (first arrival wins) and the batch rule (smallest
@@ -171,25 +323,16 @@ def test_replay_agrees_with_backfill_when_nothing_is_too_late(tmp_path, capsys):
         )
         == 0
     )
-    common = [
-        "--input",
-        str(swarm / "packets-*.tfrecord"),
-        "--node-registry",
-        str(swarm / "nodes.txt"),
-        "--allowed-lateness",
-        "3d",
-        "--dedupe-ttl",
-        "7d",
-    ]
-    assert main(["backfill", *common, "--output", str(tmp_path / "batch")]) == 0
-    assert (
-        main(
-            ["replay", *common, "--output", str(tmp_path / "stream"), "--early-firing-count", "20"]
-        )
-        == 0
-    )
-    out = capsys.readouterr().out
-    assert "panes: EARLY=" in out and "too_late=0" in out
+    common = ["--input", str(swarm / "packets-*.tfrecord"), "--node-registry"]
+    common.append(str(swarm / "nodes.txt"))
+    batch = ["backfill", *common, "--output", str(tmp_path / "batch"), "--runner", "FnApiRunner"]
+    assert main(batch) == 0
+    replay = ["replay", *common, "--output", str(tmp_path / "stream")]
+    replay += ["--allowed-lateness", "3d", "--dedupe-ttl", "7d", "--early-firing-count", "20"]
+    assert main([*replay, "--runner", "BundleBasedDirectRunner"]) == 0
+    captured = capsys.readouterr()
+    assert "panes: EARLY=" in captured.out and "too_late=0" in captured.out
+    assert captured.err == ""  # stderr is no terminal here: no progress
 
     def strip_pane(record):
         return {k: v for k, v in record.items() if k != "pane"}
@@ -267,3 +410,79 @@ def test_bad_cloud_names_are_one_line_and_exit_2(change, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("qis-beam run: ")
+
+
+@pytest.mark.parametrize("command", ["backfill", "run"])
+def test_profile_keeps_the_dry_run_switch(command, swarm, tmp_path, capsys):
+    """``--profile dataflow --dry_run``: the switch is rewritten before the profile merge
+    (DataflowRunner dry run; without the rewrite Beam reads ``--dry_run --project`` wrongly)."""
+    output = tmp_path / "out"
+    if command == "backfill":
+        argv = ["backfill", "--input", str(swarm / "packets-*.tfrecord")]
+    else:
+        argv = ["run", "--input-topic", "projects/qis-dry-run/topics/qis-packets"]
+    argv += ["--output", str(output), "--profile", "dataflow", "--dry_run"]
+    argv += ["--project", "qis-dry-run", "--temp_location", "gs://qis-dry-run/tmp"]
+    assert main(argv) == 0, capsys.readouterr().err
+    kind = "BATCH" if command == "backfill" else "STREAMING"
+    assert f"dry run: DataflowRunner translated the job (JOB_TYPE_{kind}" in capsys.readouterr().out
+    assert not output.exists()
+
+
+# --- progress and pipes ------------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_off_unless_a_terminal_and_not_quiet():
+    from qis_beam import progress
+
+    assert not progress.wanted(quiet=False, stream=io.StringIO())
+    assert progress.wanted(quiet=False, stream=_Terminal())
+    assert not progress.wanted(quiet=True, stream=_Terminal())
+    # With no display installed, reporting is a no-op (as on a remote worker).
+    assert not progress.active() and progress.advance_batch([b"x" * 10]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quiet", [False, True], ids=["terminal", "quiet"])
+def test_backfill_progress_on_a_terminal(quiet, swarm, tmp_path, monkeypatch, capsys):
+    """FnApiRunner in this process: the read step feeds the bar, up to the input's bytes."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    argv = ["backfill", "--input", str(swarm / "packets-*.tfrecord"), "--output"]
+    argv += [str(tmp_path / "out"), "--runner", "FnApiRunner"]
+    assert main(argv + (["--quiet"] if quiet else [])) == 0
+    shown = terminal.getvalue()
+    if quiet:
+        assert shown == ""
+        return
+    records = json.loads((tmp_path / "out" / "summary.json").read_text())["records_in"]
+    assert "backfill: read" in shown and "100%" in shown
+    assert f"{records:,} records" in shown
+    from qis_beam import progress
+
+    assert not progress.active()  # uninstalled once the run is over
+
+
+@pytest.mark.slow
+def test_query_into_a_closed_pipe_exits_quietly(swarm, backfilled):
+    """``qis-beam query ... | head``: the reader went away; no traceback."""
+    address = next(iter(json.loads((swarm / "truth.json").read_text())["addresses"]))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        argv = ["query", "--store", str(backfilled / "intelligence.db"), "--address", address]
+        done = subprocess.run(
+            [sys.executable, "-m", "qis_beam.cli", *argv, "--window"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == "" and done.returncode == 1

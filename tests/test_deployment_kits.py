@@ -1,0 +1,284 @@
+"""The deployment kits (spec section 9): the Flink compose cluster, Dockerfiles pinning the
+versions the profiles name, the scripts, the Dataflow flex-template launcher, and the opt-in
+runs on a real Flink (QIS_FLINK_JOB_SERVER_JAR or QIS_FLINK_MASTER)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+import yaml
+from apache_beam.options.pipeline_options import (
+    PipelineOptions,
+    _BeamArgumentParser,
+)
+from apache_beam.testing.util import assert_that, equal_to
+
+from qis_beam.runners.profiles import (
+    BEAM_VERSION,
+    FLINK_VERSION,
+    PYTHON_VERSION,
+    merge_args,
+    profile_args,
+    profile_options,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+FLINK_DIR = ROOT / "runners" / "flink"
+DATAFLOW_DIR = ROOT / "runners" / "dataflow"
+
+
+def beam_parser() -> _BeamArgumentParser:
+    """Every pipeline option of the installed Beam, parsed the way PipelineOptions does."""
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)
+    return parser
+
+
+def flag_name(arg: str) -> str:
+    return arg[2:].split("=", 1)[0]
+
+
+# --- deployment kits ---------------------------------------------------------------------
+
+
+def load_compose() -> dict:
+    return yaml.safe_load((FLINK_DIR / "docker-compose.yaml").read_text())
+
+
+def from_lines(dockerfile: Path) -> list[str]:
+    return [
+        line.split()[1]
+        for line in dockerfile.read_text().splitlines()
+        if line.strip().upper().startswith("FROM ")
+    ]
+
+
+def test_compose_is_a_flink_session_cluster_with_job_server_and_worker_pool():
+    compose = load_compose()
+    services = compose["services"]
+    expected = {"jobmanager", "taskmanager", "job-server", "python-worker-pool", "kafka"}
+    assert expected <= set(services)
+
+    flink_image = services["jobmanager"]["image"]
+    assert services["taskmanager"]["image"] == flink_image
+    assert f":{FLINK_VERSION}-beam{BEAM_VERSION}" in flink_image
+    for name in ("jobmanager", "taskmanager"):
+        build = services[name]["build"]
+        assert (FLINK_DIR / build["context"] / build["dockerfile"]).resolve() == (
+            FLINK_DIR / "Dockerfile.flink"
+        )
+    assert "8081:8081" in services["jobmanager"]["ports"]
+
+    job_server = services["job-server"]
+    assert job_server["image"] == f"apache/beam_flink{FLINK_VERSION}_job_server:{BEAM_VERSION}"
+    assert "--flink-master=jobmanager:8081" in job_server["command"]
+    assert "--job-host=0.0.0.0" in job_server["command"]
+    assert "8099:8099" in job_server["ports"]
+    # The job server stages artifacts where the task manager reads them.
+    staging = "/tmp/beam-artifact-staging"
+    assert f"--artifacts-dir={staging}" in job_server["command"]
+    volume = next(v for v in job_server["volumes"] if v.endswith(":" + staging))
+    assert volume in services["taskmanager"]["volumes"]
+
+    pool = services["python-worker-pool"]
+    assert pool["command"] == ["--worker_pool"]
+    assert pool["network_mode"] == "service:taskmanager"  # environment_config=localhost:50000
+    assert pool["image"].endswith(f":{BEAM_VERSION}")
+    assert (FLINK_DIR / pool["build"]["context"]).resolve() == ROOT
+    assert (ROOT / pool["build"]["dockerfile"]).resolve() == FLINK_DIR / "Dockerfile.worker"
+    assert profile_options("flink", False)["environment_config"] == "localhost:50000"
+
+    for service in services.values():
+        image = service.get("image", "")
+        assert image and not image.endswith(":latest") and ":" in image
+
+
+def test_compose_flink_configuration():
+    services = load_compose()["services"]
+    conf_text = services["jobmanager"]["environment"]["FLINK_PROPERTIES"]
+    assert services["taskmanager"]["environment"]["FLINK_PROPERTIES"] == conf_text
+    conf = yaml.safe_load(conf_text)
+    assert conf["jobmanager.rpc.address"] == "jobmanager"
+    assert conf["state.backend.type"] == "rocksdb"
+    assert conf["state.checkpoints.dir"].startswith("file:///flink-data/")
+    assert conf["state.savepoints.dir"].startswith("file:///flink-data/")
+    assert conf["restart-strategy.type"] in ("fixed-delay", "exponential-delay", "failure-rate")
+    assert conf["execution.checkpointing.externalized-checkpoint-retention"] == (
+        "RETAIN_ON_CANCELLATION"
+    )
+    slots = int(conf["taskmanager.numberOfTaskSlots"])
+    assert slots >= int(profile_options("flink", False)["parallelism"])
+    # Checkpoint storage is shared by job manager and task manager.
+    assert "flink-data:/flink-data" in services["jobmanager"]["volumes"]
+    assert "flink-data:/flink-data" in services["taskmanager"]["volumes"]
+
+
+def test_dockerfiles_pin_beam_flink_and_python_versions():
+    flink_from = from_lines(FLINK_DIR / "Dockerfile.flink")
+    assert f"apache/beam_java17_sdk:{BEAM_VERSION}" in flink_from
+    assert any(image.startswith(f"flink:{FLINK_VERSION}-") for image in flink_from)
+
+    worker_image = f"apache/beam_python{PYTHON_VERSION}_sdk:{BEAM_VERSION}"
+    assert from_lines(FLINK_DIR / "Dockerfile.worker") == [worker_image]
+
+    dataflow = (DATAFLOW_DIR / "Dockerfile").read_text()
+    dataflow_from = from_lines(DATAFLOW_DIR / "Dockerfile")
+    assert worker_image in dataflow_from
+    launcher = f"python{PYTHON_VERSION.replace('.', '')}-template-launcher-base"
+    assert any(launcher in image for image in dataflow_from)
+    assert 'FLEX_TEMPLATE_PYTHON_PY_FILE="${WORKDIR}/launch.py"' in dataflow
+    assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in dataflow
+
+    expansion = (FLINK_DIR / "Dockerfile.expansion").read_text()
+    assert f"beam-sdks-java-io-expansion-service-{BEAM_VERSION}.jar" in expansion
+
+    for dockerfile in (*FLINK_DIR.glob("Dockerfile.*"), DATAFLOW_DIR / "Dockerfile"):
+        if dockerfile.suffix == ".dockerignore":
+            continue
+        for image in from_lines(dockerfile):
+            if image.startswith("apache/beam"):
+                assert image.endswith(f":{BEAM_VERSION}"), (dockerfile.name, image)
+
+
+def test_shell_scripts_parse_and_are_executable():
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    scripts = [FLINK_DIR / "submit.sh", DATAFLOW_DIR / "launch.sh"]
+    for script in scripts:
+        subprocess.run([bash, "-n", str(script)], check=True)
+        assert script.stat().st_mode & stat.S_IXUSR, f"{script} is not executable"
+    submit = (FLINK_DIR / "submit.sh").read_text()
+    assert f'FLINK_VERSION="{FLINK_VERSION}"' in submit
+    assert f'BEAM_VERSION="{BEAM_VERSION}"' in submit
+
+
+def load_launcher():
+    spec = importlib.util.spec_from_file_location("qis_dataflow_launch", DATAFLOW_DIR / "launch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_template_metadata():
+    metadata = json.loads((DATAFLOW_DIR / "metadata.json").read_text())
+    names = [p["name"] for p in metadata["parameters"]]
+    assert len(names) == len(set(names))
+    assert {"input_topic", "output", "window", "allowed_lateness"} <= set(names)
+    for parameter in metadata["parameters"]:
+        assert parameter["label"] and parameter["helpText"]
+        assert parameter.get("isOptional", False) is (
+            parameter["name"] not in ("input_topic", "output")
+        )
+    # Template parameters must not shadow Beam options (they are rewritten to qis-beam flags).
+    python_flags = set(beam_parser()._option_string_actions)
+    assert not {f"--{n}" for n in names} & python_flags
+    assert load_launcher().SWITCHES <= set(names)
+
+
+def test_launcher_rewrites_template_parameters(monkeypatch):
+    launch = load_launcher()
+    argv = [
+        "--input_topic=projects/p/topics/t",
+        "--output",
+        "gs://bucket/out",
+        "--allowed_lateness=2h",
+        "--allow_unsigned=false",
+        "--runner=DataflowRunner",
+        "--project=p",
+        "--temp_location=gs://bucket/tmp",
+        "--sdk_container_image=europe-docker.pkg.dev/p/r/qis-beam:1",
+    ]
+    args = launch.to_cli_args(argv, launch.template_parameters())
+    assert args == [
+        "--input-topic=projects/p/topics/t",
+        "--output=gs://bucket/out",
+        "--allowed-lateness=2h",
+        "--runner=DataflowRunner",
+        "--project=p",
+        "--temp_location=gs://bucket/tmp",
+        "--sdk_container_image=europe-docker.pkg.dev/p/r/qis-beam:1",
+    ]
+    assert launch.to_cli_args(["--allow_unsigned=true"], launch.template_parameters()) == [
+        "--allow-unsigned"
+    ]
+
+    import qis_beam.cli
+
+    calls = []
+    monkeypatch.setattr(qis_beam.cli, "main", lambda argv: calls.append(argv) or 0)
+    assert launch.main(["--input_topic=projects/p/topics/t", "--output=gs://b/o"]) == 0
+    assert calls == [
+        [
+            "run",
+            "--profile",
+            "dataflow",
+            "--source=pubsub",
+            "--input-topic=projects/p/topics/t",
+            "--output=gs://b/o",
+        ]
+    ]
+
+
+def test_guides_exist():
+    guide = (ROOT / "docs" / "runners.md").read_text()
+    for needle in ("FnApiRunner", "BundleBasedDirectRunner", "--dry_run", "DaskRunner", "Prism"):
+        assert needle in guide
+    for readme in (FLINK_DIR / "README.md", DATAFLOW_DIR / "README.md"):
+        assert "2.77.0" in readme.read_text()
+
+
+# --- opt-in: a real Flink ----------------------------------------------------------------
+
+FLINK_JAR = os.environ.get("QIS_FLINK_JOB_SERVER_JAR")
+FLINK_MASTER = os.environ.get("QIS_FLINK_MASTER")
+
+
+def run_sum_pipeline(args: list[str]) -> None:
+    with beam.Pipeline(options=PipelineOptions(args)) as p:
+        totals = p | beam.Create([("a", 1), ("b", 2), ("a", 3)]) | beam.CombinePerKey(sum)
+        assert_that(totals, equal_to([("a", 4), ("b", 2)]))
+
+
+# Beam's Flink job server jar is not served where this project is built (Maven Central answers
+# 404; qis_beam/stack/pins.toml [unavailable]), so these run only where a user supplies it.
+_NO_JOB_SERVER = "Beam's Flink job server jar is not obtainable here; set QIS_FLINK_JOB_SERVER_JAR"
+
+
+@pytest.mark.flink
+@pytest.mark.skipif(not FLINK_JAR, reason=_NO_JOB_SERVER)
+def test_flink_embedded_cluster_from_job_server_jar():
+    """FlinkRunner with an embedded Flink started from the jar (needs Java, no cluster)."""
+    if shutil.which("java") is None:
+        pytest.skip("the embedded Flink job server needs java on PATH")
+    args = merge_args(
+        profile_args("flink", streaming=False),
+        [
+            "--flink_master=[local]",
+            f"--flink_job_server_jar={FLINK_JAR}",
+            "--environment_type=LOOPBACK",
+            "--parallelism=1",
+        ],
+    )
+    run_sum_pipeline(args)
+
+
+@pytest.mark.flink
+@pytest.mark.skipif(
+    not FLINK_MASTER, reason=_NO_JOB_SERVER + " and QIS_FLINK_MASTER (e.g. the stack's Flink)"
+)
+def test_flink_cluster_with_the_flink_profile():
+    """The `flink` profile against a running cluster (runners/flink/docker-compose.yaml)."""
+    explicit = [f"--flink_master={FLINK_MASTER}"]
+    if FLINK_JAR:
+        explicit.append(f"--flink_job_server_jar={FLINK_JAR}")
+    run_sum_pipeline(merge_args(profile_args("flink", streaming=False), explicit))
