@@ -36,7 +36,7 @@ import time
 from google.protobuf.message import DecodeError
 
 from qis_beam.proto import packet_pb2
-from qis_beam.simulate import SwarmConfig, simulate
+from qis_beam.sim import SwarmConfig, simulate
 from qis_beam.tfrecords import iter_records, read_file
 
 HOUR_MS = 3_600_000

@@ -1,4 +1,6 @@
-"""Backfill on the FnApiRunner: ingestion accounting, dead letters, dedupe, outputs."""
+"""Backfill on the FnApiRunner: ingestion accounting, dead letters, dedupe, outputs, and the
+synthesis of fixed and sliding windows, hot-key fanout and any dedupe shard count checked
+against a packet-by-packet reference (tests/brute_force.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import json
 import random
 
 import pytest
-from conftest import HOUR_MS, T0_MS, fnapi_options, make_record, node_key
+from brute_force import assert_same_syntheses, by_key, expected_records
+from conftest import ADDRESS, HOUR_MS, T0_MS, fnapi_options, make_record, node_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,9 +19,12 @@ from qis_beam.pipelines.backfill import build_backfill
 from qis_beam.settings import Settings
 from qis_beam.store import IntelligenceStore
 from qis_beam.tfrecords import write_record
-from qis_beam.transforms.ingest import payload_of
 from qis_beam.transforms.outputs import read_json_lines
 from qis_beam.validation import ValidationPolicy
+from qis_beam.wire import payload_of
+
+# Every test here runs a backfill on the FnApiRunner.
+pytestmark = pytest.mark.slow
 
 NOW = T0_MS + 48 * HOUR_MS
 
@@ -156,17 +162,83 @@ def test_corrupt_shard_tail_is_one_dead_letter(tmp_path):
     assert "corrupt TFRecord framing" in dead[0]["detail"]
 
 
-@pytest.mark.parametrize("fanout", [0, 3])
-def test_hot_key_fanout_gives_same_result(tmp_path, fanout):
-    records = [
-        make_record(node_key(i % 4), packet_id=pid(i), event_time_ms=T0_MS + i * 1000)
-        for i in range(30)
+def varied_records(n: int, hours: int = 3) -> list[bytes]:
+    """n distinct packets over two addresses, six nodes, four approaches, every outcome."""
+    from qis_beam.address import semantic_address
+
+    addresses = [ADDRESS, semantic_address("llm-finetune/v1", {"task": "seq2seq"})]
+    return [
+        make_record(
+            node_key(i % 6),
+            packet_id=pid(i),
+            address=addresses[i % 5 == 0],
+            approach_id=f"lr_schedule={('cosine', 'linear', 'constant', 'step')[i % 4]}",
+            outcome_type=1 + (i * 7) % 4,
+            outcome_delta=((i * 37) % 19 - 9) / 10,
+            confidence=0.3 + (i % 7) / 10,
+            event_time_ms=T0_MS + (i * 7_919_000) % (hours * HOUR_MS),
+            emit_time_ms=T0_MS + (i * 7_919_000) % (hours * HOUR_MS),
+        )
+        for i in range(n)
     ]
-    summary, output = backfill(
-        tmp_path, {"packets-0.tfrecord": records}, hot_key_fanout=fanout, read_batch_size=7
-    )
-    all_time = [r for r in read_json_lines(output, "synthesis") if r["window_start_ms"] is None]
-    assert all_time[0]["n_packets"] == 30 and all_time[0]["n_nodes"] == 4
+
+
+def test_hot_key_fanout_gives_the_same_synthesis_as_none(tmp_path):
+    """Every record, windowed and all-time, is the same with and without the fanout, and the
+    same as the packet-by-packet reference (so the fanout can neither add nor lose data)."""
+    records = varied_records(60)
+    outputs = {}
+    for fanout in (0, 3):
+        run = tmp_path / f"fanout-{fanout}"
+        run.mkdir()
+        summary, output = backfill(
+            run, {"packets-0.tfrecord": records}, hot_key_fanout=fanout, read_batch_size=7
+        )
+        assert summary["valid"] == 60
+        outputs[fanout] = by_key(read_json_lines(output, "synthesis"))
+    assert_same_syntheses(outputs[3], outputs[0])
+    assert_same_syntheses(outputs[0], expected_records(records, HOUR_MS))
+
+
+def test_hot_key_fanout_really_splits_the_merges(tmp_path):
+    """The comparison above is not vacuous: with a fanout the merges go through Beam's
+    hot-key pre-combine, without one they do not."""
+    import apache_beam as beam
+
+    (tmp_path / "p.tfrecord").write_bytes(b"")
+
+    def labels(fanout):
+        pipeline = beam.Pipeline(options=fnapi_options())
+        settings = Settings(hot_key_fanout=fanout)
+        build_backfill(pipeline, str(tmp_path / "*.tfrecord"), str(tmp_path / "o"), settings)
+        return [t.unique_name for t in pipeline.to_runner_api().components.transforms.values()]
+
+    hot = [label for label in labels(3) if "SplitHotCold" in label]
+    assert {label.split("/")[0] for label in hot} == {"SynthesizeWindows", "SynthesizeAllTime"}
+    assert not any("SplitHotCold" in label for label in labels(0))
+
+
+def test_sliding_windows_end_to_end_match_a_brute_force_fold(tmp_path):
+    """``backfill --window 1h --window-period 15m``: every packet is in four windows; each
+    window's record equals the packets of [start, start + 1h) folded one by one."""
+    from qis_beam.cli import main
+
+    records = varied_records(80)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_log(inputs / "packets-0.tfrecord", records[:50])
+    write_log(inputs / "packets-1.tfrecord", records[50:])
+    output = tmp_path / "out"
+    argv = ["backfill", "--input", str(inputs / "*.tfrecord"), "--output", str(output)]
+    argv += ["--window", "1h", "--window-period", "15m", "--runner", "FnApiRunner"]
+    assert main(argv) == 0
+    got = by_key(read_json_lines(str(output), "synthesis"))
+    want = expected_records(records, HOUR_MS, 15 * 60_000)
+    assert_same_syntheses(got, want)
+    windows = [row for row in got.values() if row["window_start_ms"] is not None]
+    assert {row["window_end_ms"] - row["window_start_ms"] for row in windows} == {HOUR_MS}
+    assert {row["window_start_ms"] % (15 * 60_000) for row in windows} == {0}
+    assert sum(row["n_packets"] for row in windows) == 4 * 80
 
 
 @settings(max_examples=6, deadline=None)
@@ -206,8 +278,6 @@ def test_dedupe_follows_the_batch_rule_for_any_shard_count(
     letters (with their raw records) are exactly those of the reference rule."""
     import qis_beam.dedupe as dedupe_module
     from qis_beam.dedupe import dedupe
-    from qis_beam.partials import fold_by_bucket
-    from qis_beam.synthesis import Synthesis
 
     records = [
         make_record(
@@ -234,13 +304,7 @@ def test_dedupe_follows_the_batch_rule_for_any_shard_count(
         r for _, r, _ in reference.conflicts
     )
     assert all(d["reason"] == "conflicting_duplicate" for d in dead)
-    expected = Synthesis()
-    for partial in fold_by_bucket(
-        [payload_of(r) for r in reference.kept.values()], HOUR_MS
-    ).values():
-        expected.merge(partial)
-    (all_time,) = [r for r in read_json_lines(output, "synthesis") if r["window_start_ms"] is None]
-    want = expected.extract()
-    assert all_time["n_packets"] == want["n_packets"]
-    assert all_time["n_nodes"] == want["n_nodes"]
-    assert all_time["mean_delta"] == pytest.approx(want["mean_delta"], abs=1e-12)
+    # the same synthesis, windowed and all-time, as the kept packets folded one by one: so
+    # any shard count gives what one shard gives
+    got = by_key(read_json_lines(output, "synthesis"))
+    assert_same_syntheses(got, expected_records(reference.kept.values(), HOUR_MS))

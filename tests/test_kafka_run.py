@@ -184,8 +184,8 @@ def kafka_run(kafka_bootstrap, prism_path, postgres_url, tmp_path_factory):
     and a backfill of the same records."""
     from pg_local import fresh_database
 
-    from qis_beam.sim_live import log_records
-    from qis_beam.simulate import SwarmConfig, simulate
+    from qis_beam.sim import SwarmConfig, simulate
+    from qis_beam.sim.sending import log_records
     from qis_beam.stack.kafka import create_topic
     from qis_beam.tfrecords import write_record
     from qis_beam.transports import record_meta
@@ -295,7 +295,7 @@ def kafka_run(kafka_bootstrap, prism_path, postgres_url, tmp_path_factory):
                 str(batch),
                 "--node-registry",
                 str(work / "swarm" / "nodes.txt"),
-                *WINDOW_OPTIONS,
+                *WINDOW_OPTIONS[:2],  # --window: the streaming-only options are refused
                 "--runner",
                 "FnApiRunner",
             ]

@@ -287,7 +287,7 @@ def test_run_on_pubsub_equals_backfill(pubsub_emulator_host, monkeypatch, tmp_pa
             [
                 "backfill", "--input", str(tmp_path / f"{name}.tfrecord"),
                 "--output", str(tmp_path / f"batch_{name}"),
-                "--node-registry", str(swarm / "nodes.txt"), *JOB[:4],
+                "--node-registry", str(swarm / "nodes.txt"), *JOB[:2],  # backfill: --window only
                 "--runner", "FnApiRunner",
             ]
         )  # fmt: skip

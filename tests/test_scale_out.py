@@ -18,6 +18,7 @@ capped by ``read_batch_size``) and the shares only shrink.
 from __future__ import annotations
 
 import apache_beam as beam
+import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from conftest import fnapi_options
 
@@ -25,13 +26,14 @@ from qis_beam.dedupe import shards_for
 from qis_beam.pipelines.backfill import build_backfill
 from qis_beam.positions import estimated_records, range_records_for
 from qis_beam.settings import Settings
-from qis_beam.simulate import SwarmConfig, simulate
+from qis_beam.sim import SwarmConfig, simulate
 from qis_beam.validation import ValidationPolicy
 
 PACKETS = 50_000
 ONE_PERCENT = 0.01
 
 
+@pytest.mark.slow
 def test_no_key_holds_more_than_one_percent_of_the_packets(tmp_path):
     config = SwarmConfig(
         packets=PACKETS,

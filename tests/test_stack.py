@@ -97,6 +97,7 @@ def test_download_keeps_only_a_file_with_the_pinned_digest(tmp_path):
         fetch_file(source.as_uri(), dest, good)
 
 
+@pytest.mark.slow
 def test_fetch_refuses_a_tampered_cached_kafka_jar(tmp_path):
     env = {"QIS_BEAM_CACHE": str(tmp_path / "cache")}
     first = cli("stack", "fetch", "--only", "kafka", env=env)
@@ -148,6 +149,7 @@ def test_stop_never_signals_a_reused_pid(tmp_path):
             os.killpg(sleeper.pgid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_tied_pieces_stop_when_the_caller_is_killed(tmp_path):
     """The fixtures' pieces do not outlive a pytest run killed before its teardown."""
     script = (
@@ -178,6 +180,7 @@ def test_bad_arguments_are_one_line_and_exit_2():
     )
 
 
+@pytest.mark.slow
 def test_a_piece_that_cannot_start_fails_with_one_line_naming_its_log(tmp_path):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
@@ -211,7 +214,7 @@ def test_a_piece_that_cannot_start_fails_with_one_line_naming_its_log(tmp_path):
 # --- profiles --------------------------------------------------------------------------------
 
 
-def test_local_profiles_ask_for_what_no_stack_provides(tmp_path, monkeypatch):
+def test_local_profiles_ask_for_what_no_stack_provides(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("QIS_STACK_DIR", str(tmp_path / "no-stack"))
     monkeypatch.delenv("QIS_FLINK_JOB_SERVER_JAR", raising=False)
     flink = profile_args("local-flink", streaming=True)
@@ -228,20 +231,16 @@ def test_local_profiles_ask_for_what_no_stack_provides(tmp_path, monkeypatch):
         "--add-opens=java.base/java.util=ALL-UNNAMED",
     ]
 
-    result = cli(
-        "backfill",
-        "--input",
-        "x",
-        "--output",
-        str(tmp_path / "o"),
-        "--profile",
-        "local-flink",
-        env={"QIS_STACK_DIR": str(tmp_path / "no-stack"), "QIS_FLINK_JOB_SERVER_JAR": ""},
+    from qis_beam.cli import main
+
+    monkeypatch.setenv("QIS_FLINK_JOB_SERVER_JAR", "")
+    capsys.readouterr()
+    args = ["backfill", "--input", "x", "--output", str(tmp_path / "o")]
+    assert main([*args, "--profile", "local-flink"]) == 2
+    assert capsys.readouterr().err == (
+        "qis-beam backfill: --profile local-flink needs --flink_master, --flink_job_server_jar\n"
     )
-    assert result.returncode == 2
-    assert result.stderr.strip() == (
-        "qis-beam backfill: --profile local-flink needs --flink_master, --flink_job_server_jar"
-    )
+    assert not (tmp_path / "o").exists()
 
 
 # --- the whole stack ---------------------------------------------------------------------------
@@ -389,22 +388,47 @@ def test_stack_up_status_and_down_stops_exactly_its_processes(tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_prism_job_service_runs_a_pipeline_on_the_local_prism_profile(tmp_path, monkeypatch):
+def test_backfill_runs_on_the_stack_prism_with_the_local_prism_profile(tmp_path, monkeypatch):
+    """`backfill --profile local-prism` finds the stack's Prism job service and computes
+    there what the packets folded one by one give."""
+    from brute_force import assert_same_syntheses, by_key, expected_records
+    from conftest import T0_MS, make_record, node_key
+
+    from qis_beam.cli import main
+    from qis_beam.tfrecords import write_record
+    from qis_beam.transforms.outputs import read_json_lines
+
     state = tmp_path / "state"
+    records = [
+        make_record(
+            node_key(i % 3),
+            packet_id=i.to_bytes(16, "big"),
+            approach_id=f"a{i % 2}",
+            outcome_type=1 + i % 4,
+            event_time_ms=T0_MS + i * 600_000,
+            emit_time_ms=T0_MS + i * 600_000,
+        )
+        for i in range(12)
+    ]
+    (tmp_path / "in").mkdir()
+    with open(tmp_path / "in" / "packets-0.tfrecord", "wb") as f:
+        for record in records + records[:2]:  # two exact duplicates
+            write_record(f, record)
     try:
         started = stack.up(state, only=["prism"])
         endpoint = started["prism"].piece.endpoints["job_endpoint"]
         monkeypatch.setenv("QIS_STACK_DIR", str(state))
-        args = profile_args("local-prism", streaming=False)
-        assert f"--job_endpoint={endpoint}" in args
-        from apache_beam.testing.util import assert_that, equal_to
-
-        with beam.Pipeline(options=PipelineOptions(args)) as p:  # PortableRunner -> Prism
-            totals = p | beam.Create([("a", 1), ("b", 2), ("a", 3)]) | beam.CombinePerKey(sum)
-            assert_that(totals, equal_to([("a", 4), ("b", 2)]))
+        assert f"--job_endpoint={endpoint}" in profile_args("local-prism", streaming=False)
+        out = tmp_path / "out"
+        args = ["backfill", "--input", str(tmp_path / "in" / "*.tfrecord"), "--output", str(out)]
+        assert main([*args, "--profile", "local-prism"]) == 0
     finally:
         stopped = stack.down(state)
     assert len(stopped["prism"]) == 1 and gone(stopped["prism"][0])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["runner"] == "PortableRunner" and summary["duplicates"] == 2
+    got = by_key(read_json_lines(str(out), "synthesis"))
+    assert_same_syntheses(got, expected_records(records, 3_600_000))
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""The intelligence store on both backends: URLs, the upsert order (snapshot time, not pane
-index), retries in any order, the rule across runs, old SQLite stores, a store that is down.
+"""The intelligence store on both backends: URLs, the upsert order of all-time and window rows
+(snapshot time, not pane index), retries in any order, the rule across runs, old SQLite
+stores, a store that is down.
 
 PostgreSQL tests use a fresh database on the ``pg_server`` fixture (the stack's
 ``postgres_url``, or a private server started for the session).
@@ -86,20 +87,40 @@ def test_store_urls():
             open_store(bad)
 
 
-def test_order_is_snapshot_time_not_pane_index(store):
-    store.load([rec(n=5, last=T0 + 50, index=7)], "run-1")
-    # an earlier snapshot with a higher pane index never wins
-    store.load([rec(n=4, last=T0 + 40, index=9)], "run-1")
-    assert store.latest(A)["n_packets"] == 5
-    # same latest event, more packets (a late packet inside the span): wins
-    store.load([rec(n=6, last=T0 + 50, index=0)], "run-1")
-    assert store.latest(A)["n_packets"] == 6
+def row_of(store, window):
+    """The stored entry of (A, window): the all-time row for None."""
+    if window is None:
+        return store.entry(A)
+    (entry,) = [e for e in store.entries(A) if e.record["window_start_ms"] == window]
+    return entry
+
+
+@pytest.mark.parametrize("window", [None, T0], ids=["all-time", "window"])
+def test_order_is_snapshot_time_not_pane_index(store, window):
+    """Each snapshot is its own load (its own upsert statement), so the database's guard
+    decides, not the in-batch collapse."""
+
+    def offer(**kw):
+        store.load([rec(window=window, **kw)], "run-1")
+        return row_of(store, window).record["n_packets"]
+
+    assert offer(n=5, last=T0 + 50, index=7) == 5
+    # an older snapshot never overwrites a newer one, even with a higher pane index
+    assert offer(n=4, last=T0 + 40, index=9) == 5
+    assert offer(n=9, last=T0 + 49, index=0) == 5  # more packets but older
+    # same latest event, more packets (a late packet inside the span): replaces it
+    assert offer(n=6, last=T0 + 50, index=0) == 6
+    assert offer(n=5, last=T0 + 50, index=8) == 6  # fewer packets at the same time
     # later event time wins even with fewer packets and pane index 0: the next life of an
     # address whose all-time state expired (the pane-index bug)
-    store.load([rec(n=1, last=T0 + 10 * H, index=0)], "run-1")
-    entry = store.entry(A)
-    assert entry.record["n_packets"] == 1 and entry.snapshot_ms == T0 + 10 * H
-    assert entry.run_id == "run-1"
+    assert offer(n=1, last=T0 + 10 * H, index=0) == 1
+    entry = row_of(store, window)
+    assert entry.snapshot_ms == T0 + 10 * H and entry.run_id == "run-1"
+    # rows of another (address, window) are untouched by all this
+    other = None if window is not None else T0
+    store.load([rec(n=2, last=T0, window=other)], "run-2")
+    assert offer(n=1, last=T0 + 10 * H, index=0) == 1
+    assert row_of(store, other).record["n_packets"] == 2
 
 
 def test_any_order_any_number_of_retries_gives_the_same_store(store_url, tmp_path):
@@ -256,6 +277,7 @@ def test_old_sqlite_store_is_migrated(tmp_path):
         assert s.latest(A)["n_packets"] == 1
 
 
+@pytest.mark.slow
 def test_postgres_down_is_unavailable_then_recovers(serving_postgres):
     url = fresh_database(serving_postgres.url)
     with open_store(url, create=True) as s:

@@ -30,6 +30,9 @@ def write_records(path: str, records: list[bytes]) -> None:
             write_record(f, record)
 
 
+# Every test here runs (or translates, for Dataflow) a whole pipeline.
+pytestmark = pytest.mark.slow
+
 MIN = 60_000
 NOW = T0_MS + 100 * HOUR_MS
 
