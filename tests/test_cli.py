@@ -371,6 +371,7 @@ DATAFLOW_DRY_RUN = [
 ]
 
 
+@pytest.mark.slow
 def test_backfill_dry_run_on_dataflow_translates_and_writes_nothing(swarm, tmp_path, capsys):
     output = tmp_path / "out"
     pattern = str(swarm / "packets-*.tfrecord")
@@ -381,6 +382,7 @@ def test_backfill_dry_run_on_dataflow_translates_and_writes_nothing(swarm, tmp_p
     assert not output.exists()
 
 
+@pytest.mark.slow
 def test_run_dry_run_on_dataflow_translates_the_streaming_job(capsys):
     topic = "projects/qis-dry-run/topics/qis-packets"
     args = ["run", "--input-topic", topic, "--output", "gs://qis-dry-run/out", *DATAFLOW_DRY_RUN]
@@ -412,6 +414,7 @@ def test_bad_cloud_names_are_one_line_and_exit_2(change, message, capsys):
     assert message in err and err.count("\n") == 1 and err.startswith("qis-beam run: ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["backfill", "run"])
 def test_profile_keeps_the_dry_run_switch(command, swarm, tmp_path, capsys):
     """``--profile dataflow --dry_run``: the switch is rewritten before the profile merge

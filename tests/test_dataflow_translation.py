@@ -11,45 +11,13 @@ import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import (
     PipelineOptions,
-    _BeamArgumentParser,
 )
+from beam_options import DRY_RUN_ARGS, flag_name
 
 from qis_beam.runners.profiles import (
     merge_args,
     profile_args,
 )
-
-# A syntactically valid bucket: an invalid one (e.g. gs://b) makes DataflowRunner fall back to
-# creating a default bucket, over the network.
-DRY_RUN_ARGS = ["--project=qis-dry-run", "--temp_location=gs://qis-dry-run/tmp", "--dry_run=True"]
-
-
-def beam_parser() -> _BeamArgumentParser:
-    """Every pipeline option of the installed Beam, parsed the way PipelineOptions does."""
-    parser = _BeamArgumentParser(allow_abbrev=False)
-    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
-        cls._add_argparse_args(parser)
-    return parser
-
-
-def parse_beam(args: list[str]) -> tuple[dict, list[str]]:
-    try:
-        known, unknown = beam_parser().parse_known_args(args)
-    except SystemExit:
-        pytest.fail(f"Beam rejects a value in {args}")
-    return vars(known), unknown
-
-
-def flag_name(arg: str) -> str:
-    return arg[2:].split("=", 1)[0]
-
-
-def flag_value(args: list[str], name: str) -> str | None:
-    for arg in args:
-        if flag_name(arg) == name:
-            return arg.split("=", 1)[1] if "=" in arg else ""
-    return None
-
 
 # --- the real pipelines under the profiles -----------------------------------------------
 
@@ -152,6 +120,7 @@ DETERMINISTIC_KEY_CODERS = {
 }
 
 
+@pytest.mark.slow
 def test_streaming_pipeline_translates_for_dataflow_with_portable_state():
     from qis_beam.pipelines.run import SourceSettings, build_run
     from qis_beam.settings import Settings
@@ -171,6 +140,7 @@ def test_streaming_pipeline_translates_for_dataflow_with_portable_state():
         assert set(kinds) <= PORTABLE_STATE_KINDS, (label, kinds)
 
 
+@pytest.mark.slow
 def test_backfill_pipeline_translates_for_dataflow(tmp_path):
     from qis_beam.pipelines.backfill import build_backfill
     from qis_beam.settings import Settings

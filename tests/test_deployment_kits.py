@@ -17,9 +17,9 @@ import pytest
 import yaml
 from apache_beam.options.pipeline_options import (
     PipelineOptions,
-    _BeamArgumentParser,
 )
 from apache_beam.testing.util import assert_that, equal_to
+from beam_options import beam_parser
 
 from qis_beam.runners.profiles import (
     BEAM_VERSION,
@@ -33,18 +33,6 @@ from qis_beam.runners.profiles import (
 ROOT = Path(__file__).resolve().parents[1]
 FLINK_DIR = ROOT / "runners" / "flink"
 DATAFLOW_DIR = ROOT / "runners" / "dataflow"
-
-
-def beam_parser() -> _BeamArgumentParser:
-    """Every pipeline option of the installed Beam, parsed the way PipelineOptions does."""
-    parser = _BeamArgumentParser(allow_abbrev=False)
-    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
-        cls._add_argparse_args(parser)
-    return parser
-
-
-def flag_name(arg: str) -> str:
-    return arg[2:].split("=", 1)[0]
 
 
 # --- deployment kits ---------------------------------------------------------------------

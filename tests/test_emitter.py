@@ -48,6 +48,7 @@ def test_registry_parsing(tmp_path):
         load_registry(path)
 
 
+@pytest.mark.slow
 def test_emitter_writes_valid_signed_packets_beam_can_read(tmp_path):
     log = tmp_path / "packets-node1.tfrecord"
     context = {"task": "causal-lm", "params": 1e9}

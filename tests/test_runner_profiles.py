@@ -20,13 +20,11 @@ from apache_beam.options.pipeline_options import (
     PortableOptions,
     SetupOptions,
     StandardOptions,
-    _BeamArgumentParser,
 )
 from apache_beam.portability.api import beam_job_api_pb2
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
-from apache_beam.testing import test_stream
-from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
+from beam_options import DRY_RUN_ARGS, beam_parser, flag_name, flag_value, parse_beam
 from google.protobuf import json_format
 
 from qis_beam.runners.profiles import (
@@ -52,37 +50,6 @@ MODES = [
     if not (streaming and name in BOUNDED_ONLY)
 ]
 MODE_IDS = [f"{name}-{'streaming' if streaming else 'batch'}" for name, streaming in MODES]
-
-# A syntactically valid bucket: an invalid one (e.g. gs://b) makes DataflowRunner fall back to
-# creating a default bucket, over the network.
-DRY_RUN_ARGS = ["--project=qis-dry-run", "--temp_location=gs://qis-dry-run/tmp", "--dry_run=True"]
-
-
-def beam_parser() -> _BeamArgumentParser:
-    """Every pipeline option of the installed Beam, parsed the way PipelineOptions does."""
-    parser = _BeamArgumentParser(allow_abbrev=False)
-    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
-        cls._add_argparse_args(parser)
-    return parser
-
-
-def parse_beam(args: list[str]) -> tuple[dict, list[str]]:
-    try:
-        known, unknown = beam_parser().parse_known_args(args)
-    except SystemExit:
-        pytest.fail(f"Beam rejects a value in {args}")
-    return vars(known), unknown
-
-
-def flag_name(arg: str) -> str:
-    return arg[2:].split("=", 1)[0]
-
-
-def flag_value(args: list[str], name: str) -> str | None:
-    for arg in args:
-        if flag_name(arg) == name:
-            return arg.split("=", 1)[1] if "=" in arg else ""
-    return None
 
 
 # --- the profiles ------------------------------------------------------------------------
@@ -384,41 +351,7 @@ def test_unrecognized_args_accepts_beam_and_flink_runner_options_only():
 # --- the profiles run where they can run here ------------------------------------------
 
 
-def test_direct_profile_runs_a_bounded_pipeline():
-    options = PipelineOptions(profile_args("direct", streaming=False))
-    with beam.Pipeline(options=options) as p:
-        totals = p | beam.Create([("a", 1), ("b", 2), ("a", 3)]) | beam.CombinePerKey(sum)
-        assert_that(totals, equal_to([("a", 4), ("b", 2)]))
-
-
-def test_direct_streaming_profile_runs_test_stream():
-    options = PipelineOptions(profile_args("direct", streaming=True))
-    stream = (
-        test_stream.TestStream()
-        .add_elements([window.TimestampedValue(("a", 1), 1), window.TimestampedValue(("a", 2), 2)])
-        .advance_watermark_to(100)
-        .add_elements([window.TimestampedValue(("a", 5), 101)])
-        .advance_watermark_to_infinity()
-    )
-    with beam.Pipeline(options=options) as p:
-        totals = (
-            p
-            | stream
-            | beam.WindowInto(window.FixedWindows(60))
-            | beam.CombinePerKey(sum)
-            | beam.MapTuple(lambda key, total: (key, total))
-        )
-        assert_that(totals, equal_to([("a", 3), ("a", 5)]))
-
-
 @pytest.mark.slow
-def test_portable_profile_runs_through_the_job_api():
-    options = PipelineOptions(profile_args("portable", streaming=False))
-    with beam.Pipeline(options=options) as p:
-        totals = p | beam.Create([("a", 1), ("b", 2), ("a", 3)]) | beam.CombinePerKey(sum)
-        assert_that(totals, equal_to([("a", 4), ("b", 2)]))
-
-
 @pytest.mark.parametrize("streaming", [False, True], ids=["batch", "streaming"])
 def test_dataflow_profile_translates_offline(streaming):
     # --setup_file is left out: staging would build an sdist inside the checkout.

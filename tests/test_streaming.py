@@ -100,6 +100,7 @@ def run_script(tmp_path, script, **settings_kw):
 WINDOWS = WindowSettings(size_ms=HOUR_MS, allowed_lateness_ms=30 * MIN, early_firing_count=2)
 
 
+@pytest.mark.slow
 def test_early_on_time_late_and_too_late(tmp_path):
     script = [
         ("add", [packet(1, T0_MS + 1 * MIN), packet(2, T0_MS + 2 * MIN)]),
@@ -127,6 +128,7 @@ def test_early_on_time_late_and_too_late(tmp_path):
     assert [r["pane"]["index"] for r in all_time] == list(range(len(all_time)))
 
 
+@pytest.mark.slow
 def test_duplicates_and_conflicts_across_bundles_first_arrival_wins(tmp_path):
     first, event_ms = packet(1, T0_MS + MIN, outcome_delta=0.9)
     conflicting, _ = packet(1, T0_MS + MIN, outcome_delta=0.1)  # same id, other payload
@@ -149,6 +151,7 @@ def test_duplicates_and_conflicts_across_bundles_first_arrival_wins(tmp_path):
     assert abs(final["mean_delta"] - (0.9 * 0.8 + 0.04 * 0.8) / 1.6) < 1e-6
 
 
+@pytest.mark.slow
 def test_dedupe_ttl_forgets_old_packet_ids(tmp_path):
     record, event_ms = packet(1, T0_MS + MIN)
     script = [
@@ -165,6 +168,7 @@ def test_dedupe_ttl_forgets_old_packet_ids(tmp_path):
     assert all_time[-1]["n_packets"] == 2 and dead == []
 
 
+@pytest.mark.slow
 def test_state_ttl_clears_idle_address_and_snapshots_are_throttled(tmp_path):
     stream = StreamSettings(emit_every_ms=10 * MIN, state_ttl_ms=2 * HOUR_MS)
     script = [("add", [packet(1, T0_MS + 1 * MIN)]), ("wm", T0_MS + 1 * MIN)]
@@ -190,6 +194,7 @@ def test_state_ttl_clears_idle_address_and_snapshots_are_throttled(tmp_path):
 # --- dedupe per packet_id, exact too-late, all-time folding, flat state -------------------
 
 
+@pytest.mark.slow
 def test_dedupe_per_packet_id_holds_for_its_ttl_then_forgets(tmp_path):
     """Each packet_id is its own key: copies inside the TTL of *that* id are duplicates or
     conflicts, copies after it count again, whatever other ids do meanwhile."""
@@ -249,6 +254,7 @@ def _too_late_ids(out) -> set[int]:
     return {int(d["packet_id"], 16) for d in out["dead"] if d["reason"] == "too_late"}
 
 
+@pytest.mark.slow
 def test_too_late_is_exact_windowed_plus_too_late_equals_valid(tmp_path):
     windows = WindowSettings(size_ms=HOUR_MS, allowed_lateness_ms=20 * MIN)
     script, sent = _late_script(seed=5)
@@ -273,6 +279,7 @@ def test_too_late_is_exact_windowed_plus_too_late_equals_valid(tmp_path):
     assert out["all_time"][-1]["n_packets"] == len(sent)
 
 
+@pytest.mark.slow
 def test_too_late_with_sliding_windows_means_missing_the_last_window(tmp_path):
     windows = WindowSettings(size_ms=HOUR_MS, period_ms=30 * MIN, allowed_lateness_ms=10 * MIN)
     script, sent = _late_script(seed=11, n_steps=24)
@@ -285,6 +292,7 @@ def test_too_late_with_sliding_windows_means_missing_the_last_window(tmp_path):
     assert _too_late_ids(out) == expected and 0 < len(expected) < len(sent)
 
 
+@pytest.mark.slow
 def test_all_time_folds_bursts_past_the_buffer_cap_and_expires_with_a_final_snapshot(
     tmp_path, monkeypatch
 ):
@@ -397,6 +405,7 @@ def test_largest_state_value_per_key_stays_flat_as_traffic_grows(monkeypatch):
     assert large[("_AllTimeSnapshotFn", "pending")] <= alltime.PENDING_CAP_BYTES + 1024
 
 
+@pytest.mark.slow
 def test_continuous_json_lines_write_one_file_per_flush_per_shard(tmp_path):
     """The run sink rolls files by processing time: each flush writes one file per shard,
     whatever the number of bundles, and every record lands in exactly one file."""

@@ -182,6 +182,7 @@ def _consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0)
     return messages
 
 
+@pytest.mark.slow
 def test_emitter_publishes_to_kafka_keyed_by_address_at_event_time(kafka_bootstrap, tmp_path):
     from confluent_kafka import TIMESTAMP_CREATE_TIME
 
@@ -230,6 +231,7 @@ def test_kafka_delivery_failure_is_raised_not_swallowed():
         transport.close()
 
 
+@pytest.mark.slow
 def test_kafka_far_future_event_time_is_stamped_with_the_send_time(kafka_bootstrap):
     """A node whose clock says 2100 must not fail its batch (Kafka 4 rejects timestamps over
     an hour ahead, and the whole batch with it); its packet is sent unchanged."""
@@ -247,6 +249,7 @@ def test_kafka_far_future_event_time_is_stamped_with_the_send_time(kafka_bootstr
     assert [messages[r].timestamp()[1] for r in normal] == [T0_MS + i for i in range(5)]
 
 
+@pytest.mark.slow
 def test_simulate_live_to_kafka_holds_its_rate(kafka_bootstrap, tmp_path, capsys):
     topic = f"live-{uuid.uuid4().hex[:8]}"
     started_ms = int(time.time() * 1000)
@@ -283,6 +286,7 @@ def test_simulate_live_to_kafka_holds_its_rate(kafka_bootstrap, tmp_path, capsys
     assert (tmp_path / "swarm" / "nodes.txt").exists()
 
 
+@pytest.mark.slow
 def test_publish_a_log_to_kafka_keeps_event_times(kafka_bootstrap, tmp_path, capsys):
     swarm = tmp_path / "swarm"
     assert main(["simulate", "--out", str(swarm), "--packets", "300", "--shards", "2"]) == 0
@@ -304,6 +308,7 @@ def test_publish_a_log_to_kafka_keeps_event_times(kafka_bootstrap, tmp_path, cap
 # --- Pub/Sub ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_emitter_publishes_to_pubsub_with_the_event_time_attribute(
     pubsub_emulator_host, monkeypatch, tmp_path
 ):
