@@ -5,7 +5,7 @@ small counter; the folded ``Synthesis`` (``qis.v1.SynthesisState``, versioned) i
 updated and re-encoded only when the timer fires (at most once per ``--emit-every`` of event
 time) or when the bag reaches ``PENDING_CAP_BYTES``. Work per packet is therefore O(1)
 amortised, and no state value grows with traffic x TTL: the synthesis is bounded per address
-(synthesis.py), the bag by ``PENDING_CAP_BYTES`` (on Flink a bag is one RocksDB value). Bag
+(qis_beam/synthesis), the bag by ``PENDING_CAP_BYTES`` (on Flink a bag is one RocksDB value). Bag
 entries are the validated ``qis.v1.OutcomePacket`` bytes, the wire contract's own versioned
 encoding; nothing is pickled.
 
