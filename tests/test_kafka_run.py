@@ -24,6 +24,8 @@ from qis_beam.cli import main
 from qis_beam.transforms.kafka_read import (
     END,
     TopicOffsetsTracker,
+    TopicWatermark,
+    _ReadTopicFn,
     coordinator_not_ready,
     topic_watermark,
     watermark_after_records,
@@ -74,6 +76,79 @@ def test_watermark_trails_records_is_capped_by_the_clock_and_idles_forward():
     assert topic_watermark({0: 5, 1: 3}, [0, 1]) == 3
     assert topic_watermark({0: 5}, [0, 1]) is None
     assert topic_watermark({0: 5, 1: 3}, [0]) == 5  # exhausted partitions do not count
+
+
+class _Message:
+    def __init__(self, partition, offset, ts_ms):
+        self._p, self._o, self._ts = partition, offset, ts_ms
+
+    def error(self):
+        return None
+
+    def partition(self):
+        return self._p
+
+    def offset(self):
+        return self._o
+
+    def timestamp(self):
+        return 1, self._ts  # TIMESTAMP_CREATE_TIME
+
+    def value(self):
+        return b"r"
+
+
+class _BusyPartitionZero:
+    """A consumer whose partition 0 always has more records and whose partition 1 is empty."""
+
+    def __init__(self, now_ms):
+        self.next_offset, self.now_ms = 0, now_ms
+
+    def consume(self, num_messages, timeout):
+        batch = [_Message(0, self.next_offset + i, self.now_ms) for i in range(num_messages)]
+        self.next_offset += num_messages
+        return batch
+
+
+class _TrackerView:
+    def __init__(self, ranges):
+        self.ranges, self.deferred = ranges, 0
+
+    def current_restriction(self):
+        return self.ranges
+
+    def try_claim(self, position):
+        return True
+
+    def defer_remainder(self, delay=None):
+        self.deferred += 1
+
+
+def test_an_empty_partition_does_not_stall_the_watermark_under_steady_traffic():
+    """Every bundle stops at its record cap (traffic never pauses on partition 0); the
+    caught-up, empty partition 1 must still let the topic's watermark advance."""
+    from qis_beam.transforms.kafka_tracking import TrackerAccess, wall_ms
+
+    options = {
+        "watermark_delay_ms": 5_000,
+        "poll_interval_s": 0.01,
+        "max_bundle_records": 50,
+        "max_bundle_seconds": 10.0,
+        "stop_when_idle_s": None,
+        "metadata_timeout_s": 1.0,
+        "max_records_per_partition": None,
+    }
+    fn = _ReadTopicFn("127.0.0.1:1", None, {}, options)
+    fn.setup()
+    consumer = _BusyPartitionZero(wall_ms())
+    fn._reader = lambda topic, tracker: [consumer, {0: 0, 1: 0}]
+    fn._high_offsets = lambda consumer, topic, partitions: {p: 0 for p in partitions}
+    view = _TrackerView(((0, 0, END), (1, 0, END)))
+    watermark = TopicWatermark(({}, None), options["watermark_delay_ms"])
+    records = list(fn.read(("t", ((0, 0), (1, 0))), TrackerAccess(view), watermark))
+    assert len(records) == 50 and view.deferred == 1  # stopped for the cap, more waiting
+    assert watermark.current_watermark() is not None
+    assert watermark.current_watermark().micros // 1000 >= consumer.now_ms - 5_000
 
 
 @pytest.mark.parametrize(

@@ -201,15 +201,18 @@ class _ReadTopicFn(beam.DoFn, RestrictionProvider, WatermarkEstimatorProvider):
         open_partitions = tracker.open_partitions()
         if not open_partitions:
             return  # bounded ranges fully read
+        # A partition with nothing new holds the topic's watermark back until it is known to
+        # be caught up; that is checked even while others are busy, or one empty partition
+        # would stall the watermark for as long as traffic on the rest never pauses.
+        quiet = [p for p in open_partitions if p not in newest]
+        high = self._high_offsets(consumer, topic, quiet) if quiet else {}
+        caught_up = [p for p in quiet if tracker.next_offset(p) >= high[p]]
+        all_idle = not newest and len(caught_up) == len(open_partitions)
+        idle_ms = watermark.caught_up(caught_up, all_idle)
         if read >= self._max_bundle_records or time.monotonic() >= deadline:
             self._checkpoints.inc()
             tracker.defer_remainder()  # more is waiting: resume at once
             return
-        quiet = [p for p in open_partitions if p not in newest]
-        high = self._high_offsets(consumer, topic, quiet)
-        caught_up = [p for p in quiet if tracker.next_offset(p) >= high[p]]
-        all_idle = not newest and len(caught_up) == len(open_partitions)
-        idle_ms = watermark.caught_up(caught_up, all_idle)
         if all_idle and self._stop_when_idle_ms is not None and idle_ms >= self._stop_when_idle_ms:
             # Bounded run: claiming each range's last position ends the restriction.
             tracker.finish()
