@@ -174,7 +174,12 @@ def build_parser() -> Parser:
     p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--token-file", help="bearer tokens, one a line: every call needs one")
-    p.add_argument("--workers", type=types.positive_int, default=8, help="concurrent calls")
+    p.add_argument(
+        "--workers",
+        type=types.positive_int,
+        default=8,
+        help="store connections (calls are coroutines; up to 64 in flight per connection)",
+    )
     p.add_argument(
         "--processes", type=types.positive_int, default=1, help="server processes sharing the port"
     )

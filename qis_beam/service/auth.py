@@ -40,11 +40,11 @@ def token_valid(offered: bytes | None, tokens: list[bytes]) -> bool:
 
 
 def _denied_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    def deny(_request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+    async def deny(_request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
 
-    def deny_stream(_request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+    async def deny_stream(_request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
         yield  # pragma: no cover - a generator for response-streaming methods
 
     kwargs = dict(
@@ -60,14 +60,14 @@ def _denied_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
+class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Every method, health and reflection included, needs a valid token."""
 
     def __init__(self, tokens: list[bytes]):
         self._tokens = tokens
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if handler is None or token_valid(
             _bearer(handler_call_details.invocation_metadata), self._tokens
         ):

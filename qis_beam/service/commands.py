@@ -1,4 +1,4 @@
-"""``qis-beam serve`` and ``qis-beam query --server`` (argument parsing stays in cli.py)."""
+"""``qis-beam serve`` and ``qis-beam query --server`` (argument parsing stays in qis_beam/cli)."""
 
 from __future__ import annotations
 

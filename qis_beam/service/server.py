@@ -5,17 +5,23 @@ synthesis for the address), UNAVAILABLE (the store cannot be reached; the health
 says NOT_SERVING until it answers again), DEADLINE_EXCEEDED (the call's deadline passed,
 including while waiting for the store), UNAUTHENTICATED (``--token-file`` and no valid
 bearer token). Binds 127.0.0.1 unless told otherwise.
+
+An asyncio server (``grpc.aio``): every call is a coroutine on one event loop, and the store
+is read through an asyncio pool, so no thread hand-offs or GIL contention between worker
+threads eat the CPU a call needs. The loop runs in a background thread shared by every
+server of the process, so callers (the CLI, tests) keep a blocking start/stop API.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
-from collections.abc import Callable
-from concurrent import futures
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from qis_beam.proto import query_pb2, query_pb2_grpc
@@ -34,51 +40,68 @@ SERVICE_NAME = query_pb2.DESCRIPTOR.services_by_name["IntelligenceService"].full
 DEFAULT_PORT = 50051
 STORE_WAIT_S = 1.0
 
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class _Loop:
+    """The process's serving event loop, in a daemon thread, started on first use."""
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def run(cls, coro: Awaitable, timeout: float | None = None):
+        with cls._lock:
+            if cls._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(
+                    target=loop.run_forever, name="qis-serve-loop", daemon=True
+                ).start()
+                cls._loop = loop
+        return asyncio.run_coroutine_threadsafe(coro, cls._loop).result(timeout)
+
 
 class StoreHealth:
     """Keeps the health service's status in step with the store: a background ping every
     ``interval`` seconds, and every call's outcome in between."""
 
     def __init__(self, store: Store, interval: float = 2.0):
-        self.servicer = health.HealthServicer()
+        self.servicer = health_aio.HealthServicer()
         self._store = store
         self._interval = interval
-        self._serving: bool | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="qis-store-health", daemon=True)
+        self.serving: bool | None = None
+        self._task: asyncio.Task | None = None
 
-    def set(self, serving: bool) -> None:
-        if serving is self._serving:
+    async def set(self, serving: bool) -> None:
+        if serving is self.serving:
             return
-        self._serving = serving
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        self.serving = serving
         for name in ("", SERVICE_NAME):
-            self.servicer.set(name, status)
+            await self.servicer.set(name, _SERVING if serving else _NOT_SERVING)
 
-    def check(self) -> bool:
+    async def check(self) -> bool:
         try:
-            self._store.ping(timeout=min(self._interval, 2.0))
+            await self._store.aping(timeout=min(self._interval, 2.0))
         except StoreUnavailable:
-            self.set(False)
+            await self.set(False)
             return False
-        self.set(True)
+        await self.set(True)
         return True
 
-    def _watch(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.check()
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.check()
 
-    def start(self) -> None:
-        self.check()
-        self._thread.start()
+    async def start(self) -> None:
+        await self.check()
+        self._task = asyncio.get_running_loop().create_task(self._watch())
 
-    def stop(self) -> None:
-        self._stop.set()
-        self.servicer.enter_graceful_shutdown()
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self.servicer.enter_graceful_shutdown()
 
 
 class IntelligenceServicer(query_pb2_grpc.IntelligenceServiceServicer):
@@ -86,64 +109,68 @@ class IntelligenceServicer(query_pb2_grpc.IntelligenceServiceServicer):
         self._store = store
         self._health = health_state
 
-    def _answer(self, context: grpc.ServicerContext, work: Callable[[float | None], object]):
-        """Run ``work(remaining seconds)``; map failures to statuses (abort raises)."""
+    async def _answer(self, context, work: Callable[[float], Awaitable[object]]):
+        """Await ``work(seconds the store may take)``; map failures to statuses (abort
+        raises)."""
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the lookup")
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the lookup"
+            )
         # Wait for the store at most half the time left (and 1 s): a store that is down is
         # reported as UNAVAILABLE within the deadline, so the client can back off and retry.
         store_wait = STORE_WAIT_S if remaining is None else min(remaining / 2, STORE_WAIT_S)
         try:
-            result = work(store_wait)
+            result = await work(store_wait)
         except BadRequest as error:
             status, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
         except StoreUnavailable as error:
-            self._health.set(False)
+            await self._health.set(False)
             left = context.time_remaining()
             late = left is not None and left <= 0
             status = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.UNAVAILABLE
             message = f"store unavailable: {error}"
         else:
-            self._health.set(True)
+            if self._health.serving is not True:
+                await self._health.set(True)
             if isinstance(result, str):  # an address with nothing stored
-                context.abort(grpc.StatusCode.NOT_FOUND, f"no synthesis for address {result}")
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no synthesis for address {result}")
             return result
-        context.abort(status, message)
+        await context.abort(status, message)
 
-    def GetSynthesis(self, request, context):
-        def work(timeout):
+    async def GetSynthesis(self, request, context):
+        async def work(timeout):
             address = target_address(request)
-            stored = self._store.entry(address, timeout=timeout)
+            stored = await self._store.aentry(address, timeout=timeout)
             if stored is None:
                 return address
             return query_pb2.SynthesisReply(synthesis=convert.synthesis(stored))
 
-        return self._answer(context, work)
+        return await self._answer(context, work)
 
-    def GetWindows(self, request, context):
-        def work(timeout):
+    async def GetWindows(self, request, context):
+        async def work(timeout):
             address = target_address(request)
             from_ms, to_ms, limit = window_range(request)
-            found = self._store.entries(address, from_ms, to_ms, limit, timeout=timeout)
-            if not found and self._store.entry(address, timeout=timeout) is None:
+            found = await self._store.aentries(address, from_ms, to_ms, limit, timeout=timeout)
+            if not found and await self._store.aentry(address, timeout=timeout) is None:
                 return address  # an unknown address, not an empty range
             return query_pb2.WindowsReply(
                 address=address, windows=[convert.synthesis(s) for s in found]
             )
 
-        return self._answer(context, work)
+        return await self._answer(context, work)
 
-    def Recommend(self, request, context):
-        def work(timeout):
+    async def Recommend(self, request, context):
+        async def work(timeout):
             address = problem_address(request.template_id, request.context)
             k = check_k(request.k)
-            stored = self._store.entry(address, timeout=timeout)
+            stored = await self._store.aentry(address, timeout=timeout)
             if stored is None:
                 return address
             return convert.recommendation(stored, k)
 
-        return self._answer(context, work)
+        return await self._answer(context, work)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +180,7 @@ class ServeConfig:
     tls_cert: bytes | None = None  # PEM chain
     tls_key: bytes | None = None  # PEM private key
     tokens: tuple[bytes, ...] = ()  # empty: no authentication
-    workers: int = 8  # threads (and store connections) per process; more only add GIL contention
+    workers: int = 8  # store connections per process (calls themselves are coroutines)
     # Several server processes share the port (serve --processes): SO_REUSEPORT on. Off by
     # default, so a second server started by mistake fails instead of sharing silently.
     reuse_port: bool = False
@@ -162,19 +189,23 @@ class ServeConfig:
 
 @dataclasses.dataclass
 class RunningServer:
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
     health: StoreHealth
+    store: Store
 
     def stop(self, grace: float | None = 1.0) -> None:
-        self.health.stop()
-        self.server.stop(grace).wait()
+        _Loop.run(self._stop(grace))
+
+    async def _stop(self, grace: float | None) -> None:
+        await self.health.stop()
+        await self.server.stop(grace)
+        await self.store.aclose()
 
 
-def start_server(store: Store, config: ServeConfig = ServeConfig()) -> RunningServer:
+async def _start(store: Store, config: ServeConfig) -> RunningServer:
     interceptors = [TokenInterceptor(list(config.tokens))] if config.tokens else []
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="qis-rpc"),
+    server = grpc.aio.server(
         interceptors=interceptors,
         # Never share a port with another process by accident.
         options=[("grpc.so_reuseport", 1 if config.reuse_port else 0)],
@@ -198,6 +229,11 @@ def start_server(store: Store, config: ServeConfig = ServeConfig()) -> RunningSe
         port = server.add_insecure_port(address)
     if not port:
         raise OSError(f"cannot listen on {address}")
-    health_state.start()
-    server.start()
-    return RunningServer(server, port, health_state)
+    await health_state.start()
+    await server.start()
+    return RunningServer(server, port, health_state, store)
+
+
+def start_server(store: Store, config: ServeConfig = ServeConfig()) -> RunningServer:
+    """Start serving ``store`` on the process's serving loop; returns once it listens."""
+    return _Loop.run(_start(store, config))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import Iterable
@@ -69,6 +70,20 @@ class Store:
 
     def close(self) -> None:
         pass
+
+    # The service's reads, from its event loop. By default the blocking read runs on a worker
+    # thread (SQLite: a file read per call); PostgreSQL overrides them with an asyncio pool.
+    async def aentry(self, address: str, timeout: float | None = None) -> StoredSynthesis | None:
+        return await asyncio.to_thread(self.entry, address, timeout)
+
+    async def aentries(self, address, from_ms=None, to_ms=None, limit=10_000, timeout=None):
+        return await asyncio.to_thread(self.entries, address, from_ms, to_ms, limit, timeout)
+
+    async def aping(self, timeout: float | None = None) -> None:
+        await asyncio.to_thread(self.ping, timeout)
+
+    async def aclose(self) -> None:
+        """Release what the async reads opened (called on the loop that used them)."""
 
     # Plain records, as `qis-beam query` prints them.
     def latest(self, address: str) -> dict[str, Any] | None:
