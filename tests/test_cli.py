@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 import os
 import subprocess
 import sys
 
 import pytest
+from brute_force import assert_close
 
 from qis_beam import options as table
 from qis_beam.cli import main
@@ -288,16 +288,6 @@ def test_help_exits_zero_and_lists_only_the_commands_options(capsys):
     assert "--flush-every" in helps["run"] and "--watermark-delay" not in helps["run"]
 
 
-def _close(a, b) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
 @pytest.mark.slow
 def test_replay_agrees_with_backfill_when_nothing_is_too_late(tmp_path, capsys):
     swarm = tmp_path / "swarm"
@@ -347,7 +337,7 @@ def test_replay_agrees_with_backfill_when_nothing_is_too_late(tmp_path, capsys):
             last_panes[key] = r
     assert last_panes.keys() == batch_windows.keys()
     for key, record in last_panes.items():
-        assert _close(strip_pane(record), strip_pane(batch_windows[key])), key
+        assert_close(strip_pane(record), strip_pane(batch_windows[key]), str(key))
     finals = [r for r in stream if r["window_start_ms"] is None and r["pane"]["is_last"]]
     assert {r["address"] for r in finals} == {a for a, w in batch_windows if w is None}
     timings = {r["pane"]["timing"] for r in stream if r["window_start_ms"] is not None}

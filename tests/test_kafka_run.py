@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import sys
 import time
 
 import pytest
+from brute_force import assert_close
 
 from qis_beam.cli import main
 from qis_beam.transforms.kafka_read import (
@@ -179,16 +179,6 @@ WINDOW_OPTIONS = [
     "--dedupe-ttl",
     "7d",
 ]
-
-
-def _close(a, b) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 def _bad_records(good: bytes) -> list[bytes]:
@@ -416,7 +406,7 @@ def test_kafka_run_on_prism_equals_a_backfill_of_the_same_packets(kafka_run):
     windowed = {k: r for k, r in last_panes.items() if k[1] is not None}
     assert windowed, "no windowed synthesis"
     for key, record in windowed.items():
-        assert _close(strip_pane(record), strip_pane(batch_by_key[key])), key
+        assert_close(strip_pane(record), strip_pane(batch_by_key[key]), str(key))
 
     # --output-shards 2: each flush writes a file per shard, both shards in use.
     names = [p.name for p in (work / "stream").glob("synthesis-*.jsonl")]
@@ -458,7 +448,7 @@ def test_kafka_run_all_time_snapshots_equal_the_backfill(kafka_run):
     assert sorted(r["address"] for r in finals) == sorted(batch)
     for record in finals:
         expected = {k: v for k, v in batch[record["address"]].items() if k != "pane"}
-        assert _close({k: v for k, v in record.items() if k != "pane"}, expected)
+        assert_close({k: v for k, v in record.items() if k != "pane"}, expected)
 
 
 @pytest.mark.slow
@@ -484,7 +474,7 @@ def test_the_stream_served_over_grpc_answers_what_the_backfill_computed(kafka_ru
         with IntelligenceClient(f"127.0.0.1:{server.port}") as client:
             for address, expected in all_time.items():
                 answer = client.synthesis(address).to_record()
-                assert _close(fields(answer), fields(expected)), address
+                assert_close(fields(answer), fields(expected), str(address))
                 assert len(client.windows(address)) == windows[address], address
     finally:
         server.stop()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 import signal
 import subprocess
@@ -35,6 +34,7 @@ import uuid
 from collections import Counter
 
 import pytest
+from brute_force import assert_close
 from conftest import node_key
 
 from qis_beam.cli import main
@@ -101,16 +101,6 @@ def _last(records, key):
         if k not in last or r["pane"]["index"] > last[k]["pane"]["index"]:
             last[k] = r
     return last
-
-
-def _close(a, b) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 def _strip_pane(record):
@@ -306,10 +296,10 @@ def test_run_on_pubsub_equals_backfill(pubsub_emulator_host, monkeypatch, tmp_pa
     assert len(batch_windows) >= 8  # several windows per address
     assert last_panes.keys() == batch_windows.keys()
     for key, record in last_panes.items():
-        assert _close(_strip_pane(record), _strip_pane(batch_windows[key])), key
+        assert_close(_strip_pane(record), _strip_pane(batch_windows[key]), str(key))
     batch_all_time = {r["address"]: r for r in batch["all"] if r["window_start_ms"] is None}
     assert all_time.keys() == batch_all_time.keys()
     for address, record in all_time.items():
-        assert _close(_strip_pane(record), _strip_pane(batch_all_time[address])), address
+        assert_close(_strip_pane(record), _strip_pane(batch_all_time[address]), str(address))
     summary = json.loads((tmp_path / "batch_all" / "summary.json").read_text())
     assert summary["valid"] == valid and summary["balanced"]
