@@ -11,7 +11,7 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from qis_beam.dedupe import shards_for
+from qis_beam.dedupe import parts_for, shards_for
 from qis_beam.positions import estimated_records, range_records_for
 from qis_beam.settings import Settings
 from qis_beam.transforms.bigquery import WriteSynthesisToBigQuery
@@ -45,7 +45,7 @@ def build_backfill(
     batch = range_records_for(records, settings.read_batch_size)
     read = pipeline | "ReadPacketLogs" >> ReadRecordBatches(input_pattern, batch)
     ranges, ingest_dead = read.batches | "Ingest" >> IngestBatches(
-        settings.validation, shards_for(records, settings.dedupe_shards)
+        settings.validation, shards_for(records, settings.dedupe_shards), parts_for(records)
     )
     windowed, all_time = ranges | "FoldPackets" >> FoldRanges(settings.windows)
     windowed = windowed | "SynthesizeWindows" >> MergeWindowPartials(

@@ -3,23 +3,25 @@
 No funnel and no raw records in the shuffle:
 
 1. ``Validate`` runs per record batch (one range of a file; signatures verified on a thread
-   pool). Each valid copy becomes a 32-byte entry: packet_id, a keyed 64-bit digest of its
-   payload and its source position. Entries go to ``shards`` dedupe keys by a hash of the
+   pool). Each valid copy becomes a 24-byte entry: packet_id prefix, a keyed 64-bit digest of
+   its payload and its source position. Entries go to ``shards`` dedupe keys by a hash of the
    packet_id (many keys, sized from the input: see :func:`qis_beam.dedupe.shards_for`), in
-   slices buffered across the bundle (at most 2**18 entries, 8 MiB, in all), so a shuffled
+   slices buffered across the bundle (at most 2**18 entries, 6 MiB, in all), so a shuffled
    element is at most a batch's worth. Each range also emits its descriptor: where it is
    and which of its records were invalid.
-2. ``Dedupe`` gets all copies of its packet_ids. Ids seen once are kept without a look;
-   repeated ids with one digest keep the copy at the smallest position (the others are
-   duplicates); repeated ids with different digests have their raw records read back from
-   their positions and the exact rule applied (smallest payload kept, other payloads are
-   ``conflicting_duplicate`` dead letters carrying the raw record). It emits, per range, the
-   offsets of the copies not to fold.
+2. ``Dedupe`` gets all copies of its packet_ids. Prefixes seen once are kept without a look;
+   repeated ones with one digest keep the copy at the smallest position (the others are
+   duplicates); repeated ones with different digests have their raw records read back from
+   their positions and the exact rule applied per real packet_id (smallest payload kept,
+   other payloads are ``conflicting_duplicate`` dead letters carrying the raw record). It
+   emits, per range, the offsets of the copies not to fold. The shards are spread over
+   independent shuffles of ~1M entries each (:func:`qis_beam.dedupe.parts_for`), so a local
+   runner never holds one shuffle of the whole input.
 3. ``GatherRanges`` brings each range's descriptor and drop lists together; the fold
    (:class:`qis_beam.transforms.synthesize.FoldRanges`) re-reads the range and folds the rest.
 
 The verdict depends only on the set of copies, never on arrival order, bundling or sharding.
-Memory: the shuffles hold 32 bytes per valid copy plus a few per range, not the records.
+Memory: the shuffles hold 24 bytes per valid copy plus a few per range, not the records.
 """
 
 from __future__ import annotations
@@ -38,9 +40,8 @@ from qis_beam.dedupe import (
     ENTRY,
     Position,
     decide,
-    packet_id_halves,
-    packet_id_of,
-    payload_digest,
+    packet_id_prefixes,
+    payload_digests,
     repeated_runs,
     shard_of,
 )
@@ -48,11 +49,11 @@ from qis_beam.positions import FRAMING, fetch_records
 from qis_beam.signing import ThreadedVerifier
 from qis_beam.transforms.deadletters import DEAD_LETTERS, counter, dead_letter, distribution
 from qis_beam.validation import DUPLICATE_REASON, Rejection, ValidationPolicy, validate_batch
-from qis_beam.wire import payload_of
+from qis_beam.wire import decode_packet, payload_of
 
 RANGES = "ranges"
 # Dedupe shuffle element: (files, RANGE array bytes, ENTRY array bytes); an entry's "range"
-# indexes the ranges, a range's "path" the files. ~12 bytes per range, 32 per copy.
+# indexes the ranges, a range's "path" the files. ~12 bytes per range, 24 per copy.
 Slice = tuple[list[str], bytes, bytes]
 RANGE = np.dtype([("path", "<u4"), ("start", "<u8")])
 # Fold shuffle element, keyed by range key: a descriptor (end offset, valid records, packed
@@ -61,7 +62,7 @@ RANGE = np.dtype([("path", "<u4"), ("start", "<u8")])
 RangePart = tuple[int, int, bytes]
 DROPS = -1
 # Entries are buffered across the batches of a bundle and sent, one slice per shard, at the
-# end of the bundle or when this many are buffered (8 MiB): slices stay large even with
+# end of the bundle or when this many are buffered (6 MiB): slices stay large even with
 # many shards and small batches.
 BUNDLE_ENTRIES = 1 << 18
 
@@ -73,6 +74,10 @@ def range_key(path: str, start: int) -> str:
 def parse_range_key(key: str) -> Position:
     start, path = key.split("@", 1)
     return path, int(start)
+
+
+def _packet_id(payload: bytes) -> bytes:
+    return decode_packet(payload).packet_id
 
 
 def _relative(offsets: Iterable[int]) -> bytes:
@@ -101,10 +106,10 @@ class _ValidateBatchFn(beam.DoFn):
         source, start, records = batch
         policy = self._policy
         verdicts = validate_batch(records, policy, policy.clock_ms(), self._verifier)
-        key, digest = range_key(source, start), self._digest_key
+        key = range_key(source, start)
         invalid: list[int] = []
         pids: list[bytes] = []
-        digests: list[bytes] = []
+        payloads: list[bytes] = []
         rels: list[int] = []
         rel = 0
         for record, verdict in zip(records, verdicts, strict=True):
@@ -116,16 +121,15 @@ class _ValidateBatchFn(beam.DoFn):
                 invalid.append(rel)
             else:
                 pids.append(verdict.packet.packet_id)
-                digests.append(payload_digest(verdict.payload, digest))
+                payloads.append(verdict.payload)
                 rels.append(rel)
             rel += len(record) + FRAMING
         yield TaggedOutput(RANGES, (key, (start + rel, len(pids), _relative(invalid))))
         if not pids:
             return
         entries = np.empty(len(pids), dtype=ENTRY)
-        halves = packet_id_halves(pids)
-        entries["hi"], entries["lo"] = halves[:, 0], halves[:, 1]
-        entries["digest"] = np.frombuffer(b"".join(digests), dtype="<u8")
+        entries["id"] = packet_id_prefixes(pids)
+        entries["digest"] = np.frombuffer(payload_digests(payloads, self._digest_key), "<u8")
         entries["rel"] = rels
         entries["range"] = len(self._ranges)
         self._ranges.append((source, start))
@@ -195,13 +199,12 @@ class _DedupeShardFn(beam.DoFn):
                 key = range_key(path, start)
                 where[(path, start + rel)] = (key, rel)
                 copies.append((int(entries["digest"][i]), (path, start + rel)))
-            verdict = decide(copies, fetch_records, payload_of)
-            not_kept = verdict.duplicates + [at for at, _ in verdict.conflicts]
+            verdict = decide(copies, fetch_records, payload_of, _packet_id)
+            not_kept = verdict.duplicates + [at for at, _, _ in verdict.conflicts]
             for at in not_kept:
                 key, rel = where[at]
                 drops.setdefault(key, []).append(rel)
-            pid = packet_id_of(entries["hi"][run[0]], entries["lo"][run[0]])
-            for (path, _), record in verdict.conflicts:
+            for (path, _), record, pid in verdict.conflicts:
                 detail = "same packet_id as a packet with a smaller payload, which is kept"
                 yield TaggedOutput(
                     DEAD_LETTERS, dead_letter(DUPLICATE_REASON, detail, record, pid, path)
@@ -214,33 +217,56 @@ class _DedupeShardFn(beam.DoFn):
             yield key, (DROPS, 0, _relative(offsets))
 
 
+class _ShuffleAndDedupe(beam.PTransform):
+    """Slices -> drops (main) and dead letters, over ``parts`` independent shuffles of the
+    shards (see :func:`qis_beam.dedupe.parts_for`)."""
+
+    def __init__(self, parts: int):
+        super().__init__()
+        self._parts = parts
+
+    def expand(self, slices):
+        parts = self._parts
+        split = (
+            [slices]
+            if parts == 1
+            else slices | "Split" >> beam.Partition(lambda kv, n: int(kv[0]) % n, parts)
+        )
+        deduped = [
+            part
+            # typed str keys: a deterministic key coder on every runner
+            | f"Typed{i}" >> beam.Map(lambda kv: kv).with_output_types(tuple[str, Slice])
+            | f"Part{i}" >> beam.GroupByKey()
+            | f"Dedupe{i}" >> beam.ParDo(_DedupeShardFn()).with_outputs(DEAD_LETTERS, main="drops")
+            for i, part in enumerate(split)
+        ]
+        return (
+            [d.drops for d in deduped] | "Drops" >> beam.Flatten(),
+            [d[DEAD_LETTERS] for d in deduped] | "DeadLetters" >> beam.Flatten(),
+        )
+
+
 class IngestBatches(beam.PTransform):
     """Record batches -> (range key, [RangePart]) groups to fold; dead letters."""
 
-    def __init__(self, policy: ValidationPolicy, dedupe_shards: int):
+    def __init__(self, policy: ValidationPolicy, dedupe_shards: int, shuffle_parts: int = 1):
         super().__init__()
         self._policy = policy
         self._shards = dedupe_shards
+        self._parts = shuffle_parts
 
     def expand(self, batches):
         validated = batches | "Validate" >> beam.ParDo(
             _ValidateBatchFn(self._policy, self._shards)
         ).with_outputs(DEAD_LETTERS, RANGES, main="entries")
-        deduped = (
-            validated.entries
-            # typed str keys: a deterministic key coder on every runner
-            | "TypedShardKey" >> beam.Map(lambda kv: kv).with_output_types(tuple[str, Slice])
-            | "ShuffleByPacketId" >> beam.GroupByKey()
-            | "Dedupe" >> beam.ParDo(_DedupeShardFn()).with_outputs(DEAD_LETTERS, main="drops")
+        drops, dedupe_dead = validated.entries | "ShuffleByPacketId" >> _ShuffleAndDedupe(
+            self._parts
         )
         ranges = (
-            (validated[RANGES], deduped.drops)
+            (validated[RANGES], drops)
             | "RangesAndDrops" >> beam.Flatten()
             | "TypedRangeKey" >> beam.Map(lambda kv: kv).with_output_types(tuple[str, RangePart])
             | "GatherRanges" >> beam.GroupByKey()
         )
-        dead = (
-            validated[DEAD_LETTERS],
-            deduped[DEAD_LETTERS],
-        ) | "MergeDeadLetters" >> beam.Flatten()
+        dead = (validated[DEAD_LETTERS], dedupe_dead) | "MergeDeadLetters" >> beam.Flatten()
         return ranges, dead

@@ -118,8 +118,10 @@ class _FoldRangesFn(beam.DoFn):
         with open_log(path) as handle:
             framed = iter_framed(handle, start, end, check_crc=False)
             if skip:
-                framed = ((o, r) for o, r in framed if o - start not in skip)
-            self._columns.add_payloads(payload_of(r) for _, r in framed)
+                payloads = [payload_of(r) for o, r in framed if o - start not in skip]
+            else:
+                payloads = [payload_of(r) for _, r in framed]
+        self._columns.add_payloads(payloads)
         if len(self._columns) >= FOLD_PACKETS:
             yield from self._fold()
 
