@@ -1,4 +1,4 @@
-"""``qis-beam stack fetch|up|status|down|env|add-taskmanager`` (registered by qis_beam/cli/parser.py)."""
+"""``qis-beam stack fetch|up|status|down|env|add-taskmanager`` (registered by qis_beam/cli)."""
 
 from __future__ import annotations
 
