@@ -215,23 +215,25 @@ class Synthesis:
         ``codes`` is an int array indexing ``vocabulary`` (cheaper when the caller already has it).
         """
         # columnar builds Synthesis objects, so it imports this module: import it late.
-        from qis_beam.synthesis.columnar import Columns, factorize, fold_groups
+        from qis_beam.synthesis.columnar import synthesize_columns
 
         n = len(node_hashes)
         if n == 0:
             return
-        codes, vocab = factorize(approach_ids)
-        columns = Columns(
-            template_ids=template_id,
-            node_hashes=node_hashes,
-            approach_codes=codes,
-            approach_vocab=vocab,
-            outcome_types=outcome_types,
-            deltas=deltas,
-            confidences=confidences,
-            event_times_ms=event_times_ms,
-        )
-        (part,) = fold_groups(np.zeros(n, dtype=np.int64), 1, columns, self._caps())
+        node_k, approach_node_k, max_approaches = self._caps()
+        (part,) = synthesize_columns(
+            (np.zeros(n, dtype=np.int64), [None]),  # one address: this one
+            template_id,
+            node_hashes,
+            approach_ids,
+            outcome_types,
+            deltas,
+            confidences,
+            event_times_ms,
+            node_k=node_k,
+            approach_node_k=approach_node_k,
+            max_approaches=max_approaches,
+        ).values()
         self._merge(part, copy=False)
 
     # ---------------------------------------------------------------------------- merging
