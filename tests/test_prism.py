@@ -24,8 +24,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms import trigger, userstate, window
 from apache_beam.transforms.window import TimestampedValue
-from apache_beam.utils.timestamp import Duration, Timestamp
+from apache_beam.utils.timestamp import Duration
 from conftest import HOUR_MS, T0_MS, _stack_piece, make_record, node_key
+from stream_script import stream_of
 
 from qis_beam.beam_internals import UnsupportedBeamError
 from qis_beam.beam_internals.replay_speedups import memoised_dofn_specs
@@ -63,10 +64,6 @@ def direct_options() -> PipelineOptions:
     return PipelineOptions([], runner="BundleBasedDirectRunner", streaming=True)
 
 
-def ts(ms: int) -> Timestamp:
-    return Timestamp(micros=ms * 1000)
-
-
 def packet(i: int, event_ms: int, **fields) -> tuple[bytes, int]:
     record = make_record(
         node_key(1 + i % 3),
@@ -81,18 +78,7 @@ def packet(i: int, event_ms: int, **fields) -> tuple[bytes, int]:
 def run_graph(output: str, script, options: PipelineOptions, **settings_kw):
     """The project's streaming graph over a TestStream script: (windowed, all_time, dead)."""
     settings = Settings(validation=ValidationPolicy(now_ms=NOW), **settings_kw)
-    stream = TestStream().with_output_types(tuple[bytes, str])
-    for kind, value in script:
-        if kind == "add":
-            stream.add_elements(
-                [TimestampedValue((record, "test"), ts(event_ms)) for record, event_ms in value]
-            )
-        else:
-            stream.advance_watermark_to(ts(value))
-    last_event = max(ms for kind, value in script if kind == "add" for _, ms in value)
-    # Past every timer before +infinity, as replay does (the DirectRunner needs it).
-    stream.advance_watermark_to(ts(last_event + settings.stream.state_ttl_ms + HOUR_MS))
-    stream.advance_watermark_to_infinity()
+    stream = stream_of(script, settings)
     with beam.Pipeline(options=options) as p:
         build_streaming_graph(p | stream, output, settings, write=WriteJsonLinesOnDrain)
     synthesis = list(read_json_lines(output, "synthesis"))

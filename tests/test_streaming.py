@@ -13,9 +13,8 @@ import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
-from apache_beam.transforms.window import TimestampedValue
-from apache_beam.utils.timestamp import Timestamp
 from conftest import HOUR_MS, T0_MS, make_record, node_key
+from stream_script import stream_of, ts
 
 from qis_beam.beam_internals.replay_speedups import indexed_direct_timers
 from qis_beam.emitter import seal
@@ -30,10 +29,6 @@ MIN = MINUTE_MS
 NOW = T0_MS + 100 * HOUR_MS
 
 
-def ts(ms: int) -> Timestamp:
-    return Timestamp(micros=ms * 1000)
-
-
 def packet(i: int, event_ms: int, key=None, **fields) -> tuple[bytes, int]:
     record = make_record(
         key or node_key(1 + i % 3),
@@ -43,25 +38,6 @@ def packet(i: int, event_ms: int, key=None, **fields) -> tuple[bytes, int]:
         **fields,
     )
     return record, event_ms
-
-
-def stream_of(script, settings: Settings) -> TestStream:
-    """script: ("add", [(record, event_ms), ...]) or ("wm", ms) steps.
-
-    Ends past every pending timer (state TTL included) before +infinity, as replay does.
-    """
-    stream = TestStream().with_output_types(tuple[bytes, str])
-    for kind, value in script:
-        if kind == "add":
-            stream.add_elements(
-                [TimestampedValue((record, "test"), ts(event_ms)) for record, event_ms in value]
-            )
-        else:
-            stream.advance_watermark_to(ts(value))
-    last_event = max(ms for kind, value in script if kind == "add" for _, ms in value)
-    stream.advance_watermark_to(ts(last_event + settings.stream.state_ttl_ms + HOUR_MS))
-    stream.advance_watermark_to_infinity()
-    return stream
 
 
 def streaming_options() -> PipelineOptions:
