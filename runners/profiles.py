@@ -26,8 +26,9 @@ prism     job endpoint, LOOPBACK
 The ``local-*`` profiles read the running stack (``$QIS_STACK_DIR`` or
 ``~/.local/state/qis-beam/stack``) each time they are resolved; with no stack running they
 leave the endpoint out and :func:`missing_options` asks for it. ``local-flink`` takes the Beam
-Flink job-server jar from ``$QIS_FLINK_JOB_SERVER_JAR`` (Maven Central does not serve it
-here, see ``qis_beam/stack/pins.toml``) or from an explicit ``--flink_job_server_jar``.
+Flink job-server jar from an explicit ``--flink_job_server_jar``, ``$QIS_FLINK_JOB_SERVER_JAR``,
+or the one ``qis-beam stack fetch`` assembled (Beam 2.62.0 for Flink 1.19: the released jars
+are not served here, see ``qis_beam/stack/jobserver.py``).
 
 What a profile never contains: values only the user knows (``--project``,
 ``--temp_location``, buckets, topics, ``--job_name``). :data:`REQUIRED_OPTIONS` lists them and
@@ -48,10 +49,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from qis_beam.beam_internals import option_dest, pipeline_option_parser
+from qis_beam.stack.pins import pins
 
 __all__ = [
     "BEAM_VERSION",
     "FLINK_VERSION",
+    "LOCAL_FLINK_VERSION",
     "PYTHON_VERSION",
     "PROFILES",
     "PROFILE_NAMES",
@@ -73,6 +76,8 @@ BEAM_VERSION = "2.77.0"
 #: Flink minor version of the compose cluster, its job-server image and ``--flink_version``.
 #: Beam 2.77 publishes job servers for 1.19, 1.20, 2.0, 2.1 and 2.2; 1.20 is Flink's 1.x LTS.
 FLINK_VERSION = "1.20"
+#: Flink minor version of ``qis-beam stack``'s cluster and of the job server it assembles.
+LOCAL_FLINK_VERSION: str = pins()["flink"]["minor"]
 #: Python minor version of the SDK worker images; the launching interpreter must match it.
 PYTHON_VERSION = "3.11"
 
@@ -133,7 +138,7 @@ PROFILES["local-flink"] = {
     # The job server runs beside the submitter and talks to the cluster's REST port; no uber
     # jar is needed because job server, task manager and artifacts share one machine.
     "runner": "FlinkRunner",
-    "flink_version": FLINK_VERSION,
+    "flink_version": LOCAL_FLINK_VERSION,
     "parallelism": 2,
     # The SDK harness runs in the submitting process: no Docker, no worker pool.
     "environment_type": "LOOPBACK",
@@ -284,6 +289,14 @@ def _stack_endpoint(piece: str, key: str) -> str | None:
         return None
 
 
+def _fetched_job_server_jar() -> str | None:
+    """The job-server jar ``qis-beam stack fetch`` assembled, when it is in the cache."""
+    from qis_beam.stack.jobserver import cached_jar
+
+    jar = cached_jar()
+    return str(jar) if jar else None
+
+
 def _local_stack_options(name: str) -> dict[str, object]:
     """Options the ``local-*`` profiles read from the machine when they are resolved."""
     options: dict[str, object] = {}
@@ -291,7 +304,7 @@ def _local_stack_options(name: str) -> dict[str, object]:
         master = _stack_endpoint("flink", "flink_master")
         if master:
             options["flink_master"] = master
-        jar = os.environ.get("QIS_FLINK_JOB_SERVER_JAR")
+        jar = os.environ.get("QIS_FLINK_JOB_SERVER_JAR") or _fetched_job_server_jar()
         if jar:
             options["flink_job_server_jar"] = jar
     elif name == "local-prism":

@@ -158,3 +158,16 @@ def prism_path():
         return stack.prism_path()
     except (stack.FetchError, stack.DigestMismatch) as error:
         pytest.fail(f"qis-beam stack: {error}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def flink_job_server_jar() -> str:
+    """Path of Beam's Flink job-server jar (assembled by ``qis-beam stack fetch``, cached)."""
+    from qis_beam import stack
+    from qis_beam.stack.jobserver import fetch_job_server
+    from qis_beam.stack.maven import MavenError
+
+    try:
+        return str(fetch_job_server().path)
+    except (stack.FetchError, stack.DigestMismatch, MavenError) as error:
+        pytest.fail(f"qis-beam stack: {error}", pytrace=False)

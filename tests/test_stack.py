@@ -24,7 +24,7 @@ import pytest
 from apache_beam.options.pipeline_options import FlinkRunnerOptions, PipelineOptions
 
 from qis_beam import stack
-from qis_beam.runners.profiles import FLINK_VERSION, missing_options, profile_args
+from qis_beam.runners.profiles import LOCAL_FLINK_VERSION, missing_options, profile_args
 from qis_beam.stack.digests import DigestMismatch, sha256_of
 from qis_beam.stack.download import fetch_file
 from qis_beam.stack.pins import pins
@@ -54,9 +54,8 @@ def gone(pid: int) -> bool:
 
 def test_pins_name_a_digest_for_every_download():
     spec = pins()
-    assert spec["flink"]["version"].startswith(FLINK_VERSION + ".")
-    assert spec["flink"]["minor"] == FLINK_VERSION
-    assert FLINK_VERSION in FlinkRunnerOptions.PUBLISHED_FLINK_VERSIONS
+    assert spec["flink"]["version"].startswith(LOCAL_FLINK_VERSION + ".")
+    assert LOCAL_FLINK_VERSION in FlinkRunnerOptions.PUBLISHED_FLINK_VERSIONS
     assert {f["role"] for f in spec["flink"]["files"]} == {"libraries", "scripts"}
     for f in spec["flink"]["files"]:
         assert SHA256.match(f["sha256"]) and f["url"].startswith("https://")
@@ -68,9 +67,17 @@ def test_pins_name_a_digest_for_every_download():
     # Prism is built from the same Beam release as the Python SDK.
     assert spec["prism"]["version"] == "v" + beam.__version__
     assert re.match(r"^h1:[A-Za-z0-9+/]{43}=$", spec["prism"]["h1"])
-    for key in ("flink_job_server", "kafka_expansion_service"):
-        item = spec["unavailable"][key]
-        assert beam.__version__ in item["artifact"] and item["reason"] and item["supply"]
+    item = spec["unavailable"]["kafka_expansion_service"]
+    assert beam.__version__ in item["artifact"] and item["reason"] and item["supply"]
+    # The job server is shaded from the runner for the stack's Flink minor version.
+    server = spec["flink_job_server"]
+    assert server["flink"] == spec["flink"]["minor"] == LOCAL_FLINK_VERSION
+    assert server["dependencies"] == [
+        f"org.apache.beam:beam-runners-flink-{server['flink']}:{server['version']}"
+    ]
+    assert f"beam-runners-flink-{server['flink']}-{server['version']}.jar" in server["jars"]
+    assert f"beam-runners-java-job-service-{server['version']}.jar" in server["jars"]
+    assert all(SHA256.match(d) for d in server["jars"].values())
 
 
 # --- digests -----------------------------------------------------------------------------------
@@ -127,10 +134,54 @@ def test_second_fetch_is_instant_and_verified():
     warm = cli("stack", "fetch")
     took = time.monotonic() - start
     assert warm.returncode == 0, warm.stderr
-    for piece in ("flink 1.20", "kafka 4.4.0", "prism v2.77.0"):
+    for piece in ("flink 1.19", "flink_job_server 2.62.0", "kafka 4.4.0", "prism v2.77.0"):
         assert re.search(rf"^{re.escape(piece)}\S*: cached, verified", warm.stdout, re.M)
-    assert "flink_job_server: not available" in warm.stdout
+    assert "kafka_expansion_service: not available" in warm.stdout
     assert took < 20, f"warm fetch took {took:.1f}s"
+
+
+def test_job_server_is_published_only_from_locked_jars_and_rechecked(tmp_path, monkeypatch):
+    """The shaded jar is built from exactly the locked jars, and re-hashed when reused."""
+    import hashlib
+
+    from qis_beam.stack import jobserver
+    from qis_beam.stack.fetch import FetchError
+
+    runner = b"runner classes"
+    spec = {
+        **pins()["flink_job_server"],
+        "jars": {"runner.jar": hashlib.sha256(runner).hexdigest()},
+    }
+    monkeypatch.setattr(jobserver, "pins", lambda: {"flink_job_server": spec})
+    extra: list[str] = []
+
+    def fake_maven(label, dependencies, plugin, main_class, lib, jar):
+        lib.mkdir(parents=True)
+        (lib / "runner.jar").write_bytes(runner)
+        for name in extra:
+            (lib / name).write_bytes(b"?")
+        jar.write_bytes(b"shaded " + runner)
+        return sorted(lib.glob("*.jar"))
+
+    monkeypatch.setattr(jobserver, "resolve_and_shade", fake_maven)
+    cache = tmp_path / "cache"
+    extra.append("surprise.jar")
+    with pytest.raises(FetchError, match=r"unexpected \['surprise.jar'\], missing \[\]"):
+        jobserver.fetch_job_server(cache)
+    assert not jobserver.jar_path(cache).parent.exists() and not list(cache.iterdir())
+
+    extra.clear()
+    built = jobserver.fetch_job_server(cache)
+    assert built.downloaded and built.path == jobserver.jar_path(cache)
+    assert sorted(p.name for p in built.path.parent.iterdir()) == [
+        ".qis-beam-complete.json",
+        built.path.name,
+    ]
+    assert jobserver.cached_jar(cache) == built.path
+    assert jobserver.fetch_job_server(cache).downloaded is False
+    built.path.write_bytes(b"tampered")
+    with pytest.raises(DigestMismatch, match="refusing .*job-server"):
+        jobserver.fetch_job_server(cache)
 
 
 # --- processes -----------------------------------------------------------------------------
@@ -216,6 +267,7 @@ def test_a_piece_that_cannot_start_fails_with_one_line_naming_its_log(tmp_path):
 
 def test_local_profiles_ask_for_what_no_stack_provides(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("QIS_STACK_DIR", str(tmp_path / "no-stack"))
+    monkeypatch.setenv("QIS_BEAM_CACHE", str(tmp_path / "empty-cache"))  # no fetched jar
     monkeypatch.delenv("QIS_FLINK_JOB_SERVER_JAR", raising=False)
     flink = profile_args("local-flink", streaming=True)
     assert missing_options("local-flink", flink) == ["flink_master", "flink_job_server_jar"]

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-FETCHABLE = ("flink", "kafka", "prism")
+FETCHABLE = ("flink", "flink_job_server", "kafka", "prism")
 
 
 def _pieces(choices: tuple[str, ...]):
@@ -252,6 +252,7 @@ def cmd_stack(args, beam_args) -> int:
     from qis_beam.stack.digests import DigestMismatch
     from qis_beam.stack.fetch import FetchError
     from qis_beam.stack.health import PieceFailed
+    from qis_beam.stack.maven import MavenError
     from qis_beam.stack.postgres import PostgresMissing
     from qis_beam.stack.pubsub import EmulatorMissing
 
@@ -264,6 +265,7 @@ def cmd_stack(args, beam_args) -> int:
     except (
         DigestMismatch,
         FetchError,
+        MavenError,
         PieceFailed,
         StackError,
         PostgresMissing,

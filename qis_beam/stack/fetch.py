@@ -19,6 +19,7 @@ from pathlib import Path
 
 from qis_beam.stack.digests import DigestMismatch, sha256_of, verify
 from qis_beam.stack.download import fetch_file, show_progress
+from qis_beam.stack.maven import resolve_jars
 from qis_beam.stack.paths import cache_dir
 from qis_beam.stack.pins import pins
 
@@ -123,47 +124,6 @@ def kafka_home(cache: Path | None = None) -> Path:
     return (cache or cache_dir()) / f"kafka-{pins()['kafka']['version']}"
 
 
-def kafka_pom(dependencies: list[str]) -> str:
-    """A throwaway pom whose runtime dependency closure is the broker's classpath."""
-    deps = []
-    for coordinate in dependencies:
-        group, artifact, version = coordinate.split(":")
-        deps.append(
-            f"<dependency><groupId>{group}</groupId><artifactId>{artifact}</artifactId>"
-            f"<version>{version}</version></dependency>"
-        )
-    return (
-        '<project xmlns="http://maven.apache.org/POM/4.0.0"><modelVersion>4.0.0</modelVersion>'
-        "<groupId>qis-beam</groupId><artifactId>kafka-broker</artifactId><version>1</version>"
-        "<packaging>pom</packaging><dependencies>" + "".join(deps) + "</dependencies></project>"
-    )
-
-
-def resolve_kafka_jars(dependencies: list[str], out: Path) -> list[Path]:
-    """``mvn dependency:copy-dependencies`` of ``dependencies`` into ``out`` (uses ~/.m2)."""
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        raise FetchError("Kafka needs Maven: `mvn` is not on PATH (apt-get install maven)")
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="qis-kafka-pom.") as work:
-        (Path(work) / "pom.xml").write_text(kafka_pom(dependencies))
-        # -C: fail on a checksum mismatch against the repository's .sha1 (our pins come after).
-        command = [
-            mvn,
-            "-B",
-            "-q",
-            "-C",
-            "dependency:copy-dependencies",
-            "-DincludeScope=runtime",
-            f"-DoutputDirectory={out}",
-        ]
-        result = subprocess.run(command, cwd=work, capture_output=True, text=True)
-        if result.returncode != 0:
-            last = (result.stdout + result.stderr).strip().splitlines()[-1:] or ["?"]
-            raise FetchError(f"Kafka: {' '.join(command[:5])} failed: {last[0]}")
-    return sorted(out.glob("*.jar"))
-
-
 def fetch_kafka(cache: Path | None = None) -> Fetched:
     """The KRaft broker's jars from Maven Central, each checked against the lock list."""
     cache = cache or cache_dir()
@@ -187,7 +147,7 @@ def fetch_kafka(cache: Path | None = None) -> Fetched:
             print(
                 f"resolving Kafka {spec['version']} jars with Maven...", file=sys.stderr, flush=True
             )
-        jars = resolve_kafka_jars(spec["dependencies"], tmp / "lib")
+        jars = resolve_jars("Kafka", spec["dependencies"], tmp / "lib")
         got = {p.name for p in jars}
         if got != set(lock):
             extra, missing = sorted(got - set(lock)), sorted(set(lock) - got)
@@ -325,7 +285,18 @@ def unavailable() -> dict[str, dict]:
     return dict(pins().get("unavailable", {}))
 
 
-FETCHERS = {"flink": fetch_flink, "kafka": fetch_kafka, "prism": fetch_prism}
+def fetch_flink_job_server(cache: Path | None = None) -> Fetched:
+    from qis_beam.stack.jobserver import fetch_job_server  # it imports this module
+
+    return fetch_job_server(cache)
+
+
+FETCHERS = {
+    "flink": fetch_flink,
+    "flink_job_server": fetch_flink_job_server,
+    "kafka": fetch_kafka,
+    "prism": fetch_prism,
+}
 
 
 def fetch(only: list[str] | None = None, cache: Path | None = None) -> list[Fetched]:
