@@ -1,6 +1,6 @@
 """The deployment kits (spec section 9): the Flink compose cluster, Dockerfiles pinning the
 versions the profiles name, the scripts, the Dataflow flex-template launcher, and the opt-in
-runs on a real Flink (QIS_FLINK_JOB_SERVER_JAR or QIS_FLINK_MASTER)."""
+runs on a real Flink (Beam's Flink job-server jar and the stack's session cluster)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,14 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
-import apache_beam as beam
 import pytest
 import yaml
-from apache_beam.options.pipeline_options import (
-    PipelineOptions,
-)
-from apache_beam.testing.util import assert_that, equal_to
 from beam_options import beam_parser
 
 from qis_beam.runners.profiles import (
@@ -226,47 +223,107 @@ def test_guides_exist():
 
 
 # --- opt-in: a real Flink ----------------------------------------------------------------
+# Beam's Flink 1.19 job-server jar (the ``flink_job_server_jar`` fixture) and the stack's
+# Flink session cluster (``flink_stack``). Each pipeline runs in its own process, stopped
+# with the job server it starts by its PID.
 
-FLINK_JAR = os.environ.get("QIS_FLINK_JOB_SERVER_JAR")
-FLINK_MASTER = os.environ.get("QIS_FLINK_MASTER")
+SUM_PIPELINE = """
+import sys
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.util import assert_that, equal_to
+
+with beam.Pipeline(options=PipelineOptions(sys.argv[1:])) as p:
+    totals = p | beam.Create([("a", 1), ("b", 2), ("a", 3)]) | beam.CombinePerKey(sum)
+    assert_that(totals, equal_to([("a", 4), ("b", 2)]))
+"""
 
 
-def run_sum_pipeline(args: list[str]) -> None:
-    with beam.Pipeline(options=PipelineOptions(args)) as p:
-        totals = p | beam.Create([("a", 1), ("b", 2), ("a", 3)]) | beam.CombinePerKey(sum)
-        assert_that(totals, equal_to([("a", 4), ("b", 2)]))
+def job_server_jar(request) -> str:
+    """The conftest's ``flink_job_server_jar`` fixture, else ``$QIS_FLINK_JOB_SERVER_JAR``."""
+    try:
+        return str(request.getfixturevalue("flink_job_server_jar"))
+    except pytest.FixtureLookupError:
+        jar = os.environ.get("QIS_FLINK_JOB_SERVER_JAR")
+        if not jar:
+            pytest.fail("no flink_job_server_jar fixture and no QIS_FLINK_JOB_SERVER_JAR", False)
+        return jar
 
 
-# Beam's Flink job server jar is not served where this project is built (Maven Central answers
-# 404; qis_beam/stack/pins.toml [unavailable]), so these run only where a user supplies it.
-_NO_JOB_SERVER = "Beam's Flink job server jar is not obtainable here; set QIS_FLINK_JOB_SERVER_JAR"
+def _stop_group(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
+def run_sum_pipeline(args: list[str], log: Path, timeout: float = 600) -> None:
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", SUM_PIPELINE, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        process.wait(timeout)
+    finally:
+        _stop_group(process)
+    assert process.returncode == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.slow
 @pytest.mark.flink
-@pytest.mark.skipif(not FLINK_JAR, reason=_NO_JOB_SERVER)
-def test_flink_embedded_cluster_from_job_server_jar():
+def test_flink_embedded_cluster_from_job_server_jar(request, tmp_path):
     """FlinkRunner with an embedded Flink started from the jar (needs Java, no cluster)."""
-    if shutil.which("java") is None:
-        pytest.skip("the embedded Flink job server needs java on PATH")
     args = merge_args(
         profile_args("flink", streaming=False),
         [
             "--flink_master=[local]",
-            f"--flink_job_server_jar={FLINK_JAR}",
+            f"--flink_job_server_jar={job_server_jar(request)}",
             "--environment_type=LOOPBACK",
             "--parallelism=1",
         ],
     )
-    run_sum_pipeline(args)
+    run_sum_pipeline(args, tmp_path / "pipeline.log")
 
 
+@pytest.mark.slow
 @pytest.mark.flink
-@pytest.mark.skipif(
-    not FLINK_MASTER, reason=_NO_JOB_SERVER + " and QIS_FLINK_MASTER (e.g. the stack's Flink)"
-)
-def test_flink_cluster_with_the_flink_profile():
-    """The `flink` profile against a running cluster (runners/flink/docker-compose.yaml)."""
-    explicit = [f"--flink_master={FLINK_MASTER}"]
-    if FLINK_JAR:
-        explicit.append(f"--flink_job_server_jar={FLINK_JAR}")
-    run_sum_pipeline(merge_args(profile_args("flink", streaming=False), explicit))
+def test_flink_cluster_with_the_flink_profile(request, flink_stack, tmp_path):
+    """The ``flink`` profile as on the compose cluster -- the pipeline packed into an uber jar
+    and submitted over Flink's REST API, Python user code in an EXTERNAL SDK worker pool --
+    against the stack's session cluster, with a worker pool on a free port."""
+    from pg_local import free_port
+
+    port = free_port()
+    # The pool starts each SDK worker as `python -c ...`: this interpreter first on PATH.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    with open(tmp_path / "worker-pool.log", "w") as out:
+        pool = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "apache_beam.runners.worker.worker_pool_main",
+                f"--service_port={port}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PATH": path},
+        )
+    try:
+        explicit = [
+            f"--flink_master={flink_stack[1].endpoints['flink_master']}",
+            f"--flink_job_server_jar={job_server_jar(request)}",
+            f"--environment_config=localhost:{port}",
+        ]
+        run_sum_pipeline(
+            merge_args(profile_args("flink", streaming=False), explicit),
+            tmp_path / "pipeline.log",
+        )
+    finally:
+        _stop_group(pool)

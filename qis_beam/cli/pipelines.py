@@ -111,6 +111,11 @@ def cmd_run(args, beam_args) -> int:
     source = _source(args)
     run_settings = settings(args, table.RUN)
     options = pipeline_options(beam_args, default_runner="DirectRunner", streaming=True)
+    idle_shutdown = _flink_idle_shutdown(options, beam_args, source)
+    if idle_shutdown:
+        options = pipeline_options(
+            [*beam_args, *idle_shutdown], default_runner="DirectRunner", streaming=True
+        )
 
     def submitted(state: str) -> None:
         print(f"submitted the streaming job; state {state}; outputs under {args.output}")
@@ -129,6 +134,34 @@ def cmd_run(args, beam_args) -> int:
         print("qis-beam run: interrupted; the job was cancelled", file=sys.stderr)
         return 130
     return 0
+
+
+FLINK_IDLE_SHUTDOWN = "--shutdown_sources_after_idle_ms"
+
+
+def _flink_idle_shutdown(options, beam_args, source) -> list[str]:
+    """A bounded Kafka run (``--kafka-stop-when-idle D``) on the FlinkRunner: also shut
+    Flink's sources down after D, or the job never ends.
+
+    The native reader is an SDF fed by one ``Impulse``; with checkpointing on, Beam's Flink
+    runner keeps that impulse source alive forever (``shutdown_sources_after_idle_ms``
+    defaults to Long.MAX_VALUE), so the job stays RUNNING after the reader finished. The
+    impulse is idle from the moment it fired, and the reader cannot end before it has been
+    idle for D, so shutting the source down after D never ends the job earlier than the
+    reader: the job ends when the reader does (plus Flink's final checkpoint). From D on,
+    Beam drains the reader in a blocking loop (its input has ended), so that stage takes no
+    further checkpoint and the group's offsets are committed at the final one. An explicit
+    ``--shutdown_sources_after_idle_ms`` wins."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    if source.kind != "kafka" or source.kafka_stop_when_idle_ms is None:
+        return []
+    runner = options.view_as(StandardOptions).runner or ""
+    if runner.rsplit(".", 1)[-1].lower() not in ("flinkrunner", "flink"):
+        return []
+    if any(arg.split("=", 1)[0] == FLINK_IDLE_SHUTDOWN for arg in beam_args):
+        return []
+    return [f"{FLINK_IDLE_SHUTDOWN}={source.kafka_stop_when_idle_ms}"]
 
 
 def _source(args):
