@@ -59,7 +59,9 @@ def flink_config(state: Path, rest_port: int, rpc_port: int, shipped: dict) -> d
             "state.savepoints.dir": (state / "savepoints").as_uri(),
             "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
             "restart-strategy.type": "fixed-delay",
-            "restart-strategy.fixed-delay.attempts": 20,
+            # A killed TaskManager costs several restarts before its heartbeat times out, and
+            # its replacement may take a minute on a busy machine: allow 5 minutes of retries.
+            "restart-strategy.fixed-delay.attempts": 150,
             "restart-strategy.fixed-delay.delay": "2 s",
             # A killed TaskManager is noticed in seconds, not after the default 50 s.
             "heartbeat.interval": 2000,
@@ -132,18 +134,22 @@ def start_taskmanager(piece: Piece, number: int) -> Proc:
     )
 
 
-def overview(rest_url: str) -> dict:
-    with urllib.request.urlopen(f"{rest_url}/overview", timeout=3) as response:
-        return json.load(response)
+def registered_taskmanagers(rest_url: str) -> dict[str, int]:
+    """Resource id -> slots of every TaskManager the JobManager lists (dead ones included
+    until their heartbeat times out)."""
+    with urllib.request.urlopen(f"{rest_url}/taskmanagers", timeout=3) as response:
+        listed = json.load(response).get("taskmanagers", [])
+    return {tm["id"]: tm.get("slotsNumber", 0) for tm in listed}
 
 
 def healthy(piece: Piece) -> bool:
-    """REST answers and every TaskManager of the piece registered with its 2 slots."""
-    tms = sum(1 for p in piece.procs if p.role.startswith("taskmanager"))
-    info = overview(piece.endpoints["rest"])
-    return (
-        info.get("taskmanagers") == tms and info.get("slots-total") == tms * SLOTS_PER_TASKMANAGER
-    )
+    """REST answers and every TaskManager of the piece registered, by its resource id, with
+    its 2 slots. (Counting is not enough: right after a ``kill -9`` the JobManager still
+    lists the dead TaskManager, so the count matches before the replacement registers.)"""
+    taskmanagers = [p for p in piece.procs if p.role.startswith("taskmanager")]
+    expected = {f"qis-tm-{p.role.rsplit('-', 1)[1]}" for p in taskmanagers}
+    registered = registered_taskmanagers(piece.endpoints["rest"])
+    return all(registered.get(tm) == SLOTS_PER_TASKMANAGER for tm in expected)
 
 
 PORTS = ("rest", "rpc")
