@@ -211,6 +211,12 @@ IDIOMATIC = textwrap.dedent(
 )
 
 
+def load_average() -> str:
+    """The machine's load (other processes distort wall times: report it with them)."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} ({os.cpu_count()} cores)"
+
+
 def tree_rss_kib(root: int) -> int:
     """Sum of VmRSS over ``root`` and all its descendants (Linux /proc)."""
     children: dict[int, list[int]] = {}
@@ -286,6 +292,7 @@ def unsigned_speed(pattern: str, out_dir: str, workers: list[int]) -> None:
     loop_s, loop_cpu = time.perf_counter() - started, time.process_time() - cpu
     idiom_s, idiom_rss, idiom_cpu = idiomatic(pattern, os.path.join(out_dir, "idiomatic"))
     print(f"\n[unsigned] {records} records (wall time; CPU seconds of the process tree in [])")
+    print(f"  {load_average()}")
     print(
         f"  tight loop (one process)   : {records / loop_s:9.0f} records/s "
         f"({loop_s:.1f}s [{loop_cpu:.1f}])"
@@ -306,6 +313,7 @@ def unsigned_speed(pattern: str, out_dir: str, workers: list[int]) -> None:
             f"to idiomatic Beam {idiom_s / wall:.2f}x (target >= 1.5); "
             f"by CPU time {loop_cpu / cpu_s:.2f}x and {idiom_cpu / cpu_s:.2f}x"
         )
+        print(f"    {load_average()}")
 
 
 def signed_speed(pattern: str, out_dir: str) -> None:
@@ -358,7 +366,9 @@ def main() -> None:
             pattern = make_log(d, size, args.addresses, False, args.skew)
             wall, rss, _ = backfill(pattern, os.path.join(d, "out-1w"), ["--allow-unsigned"])
             peaks.append(rss)
-            print(f"  {size:>9} packets: peak tree RSS {rss:7.0f} MiB ({wall:.1f}s)")
+            print(
+                f"  {size:>9} packets: peak tree RSS {rss:7.0f} MiB ({wall:.1f}s; {load_average()})"
+            )
         print(
             f"  {large} / {small}: {peaks[1] / peaks[0]:.2f}x (target <= 1.5x; "
             f"and <= {GIB:.0f} MiB at 1M)"

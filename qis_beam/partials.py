@@ -9,10 +9,21 @@ streaming path folds one packet at a time with :func:`add_packet`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from qis_beam.synthesis import Synthesis, node_hash_array, synthesize_columns
-from qis_beam.wire import OutcomePacket, iter_packets
+from qis_beam.synthesis.columnar import dense_codes
+from qis_beam.synthesis.sketch import sorted_unique
+from qis_beam.wire import (
+    ADDRESS_AT,
+    ADDRESS_BYTES,
+    NODE_ID_AT,
+    OutcomePacket,
+    ScannedRecords,
+    iter_packets,
+)
 
 
 def add_packet(synthesis: Synthesis, p: OutcomePacket) -> None:
@@ -91,6 +102,34 @@ class PacketColumns:
             self._chunks.append(chunk)
             self._count += len(cols[0])
 
+    def add_scanned(self, scan: ScannedRecords, payload_of_row: Callable[[int], bytes]) -> None:
+        """The packets of scanned records, in order (:func:`qis_beam.wire.scan_records`);
+        ``payload_of_row(i)`` gives the payload of a row the scan could not read."""
+        n = len(scan.ok)
+        if not n:
+            return
+        slow = np.flatnonzero(~scan.ok)
+        p0 = scan.payload_start
+        addresses, approaches, templates = self._codes
+        chunk = (
+            _codes(scan, p0 + ADDRESS_AT, ADDRESS_BYTES, addresses, bytes),
+            scan.u64[p0 + NODE_ID_AT].byteswap(),  # node_hash: the first 8 bytes, big-endian
+            _codes(scan, *scan.approach_id, approaches, bytes.decode),
+            _codes(scan, *scan.template_id, templates, bytes.decode),
+            scan.outcome_type,
+            scan.outcome_delta,
+            scan.confidence,
+            scan.event_time_ms,
+        )
+        if len(slow):  # rows laid out otherwise: the per-record parse, into the same columns
+            parsed = PacketColumns(self._bucket_ms)
+            parsed._codes = self._codes
+            parsed.add_payloads([payload_of_row(i) for i in slow.tolist()])
+            for column, values in zip(chunk, parsed._chunks[0], strict=True):
+                column[slow] = values
+        self._chunks.append(chunk)
+        self._count += n
+
     def fold(self) -> tuple[dict[tuple[str, int], Synthesis], dict[str, Synthesis]]:
         """``({(address_hex, bucket_start_ms): partial}, {address_hex: partial})``; empties."""
         if not self._count:
@@ -101,9 +140,10 @@ class PacketColumns:
             np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(_COLUMNS))
         )
         self._reset()
+        uh = sorted_unique(nodes)  # coded once for both folds
         columns = dict(
             template_ids="",  # set per group below: cheaper than a string per packet
-            node_hashes=nodes,
+            node_hashes=(uh, np.searchsorted(uh, nodes)),
             approach_ids=(approach, approaches),
             outcome_types=outcome,
             deltas=delta,
@@ -115,13 +155,11 @@ class PacketColumns:
         bucket = times // self._bucket_ms
         low = int(bucket.min())
         span = int(bucket.max()) - low + 1
-        pairs, pair_codes = np.unique(address * span + (bucket - low), return_inverse=True)
-        pair_codes = pair_codes.reshape(-1)
+        pairs, pair_codes = dense_codes(address * span + (bucket - low), len(hexes) * span)
         keys = [(hexes[p // span], (low + p % span) * self._bucket_ms) for p in pairs.tolist()]
         windowed = synthesize_columns((pair_codes, keys), **columns)
         _set_templates(windowed.values(), template, pair_codes, len(keys), templates)
-        used, address_codes = np.unique(address, return_inverse=True)
-        address_codes = address_codes.reshape(-1)
+        used, address_codes = dense_codes(address, len(hexes))
         all_time = synthesize_columns((address_codes, [hexes[a] for a in used.tolist()]), **columns)
         _set_templates(all_time.values(), template, address_codes, len(used), templates)
         return windowed, all_time
@@ -137,3 +175,25 @@ def _set_templates(partials, template, groups, n_groups, vocabulary) -> None:
     np.minimum.at(best, groups, rank_of[template])
     for partial, rank in zip(partials, best.tolist(), strict=True):
         partial.template_id = vocabulary[ranked[rank]] or None
+
+
+def _codes(scan: ScannedRecords, start, length, vocabulary: dict, decode) -> np.ndarray:
+    """The vocabulary code of each row's bytes field (-1 in rows the scan could not read)."""
+    codes = np.full(len(start), -1, dtype=np.int64)
+    rows = np.flatnonzero(scan.ok)
+    if not len(rows):
+        return codes
+    start = start[rows]
+    length = length[rows] if np.ndim(length) else np.full(len(rows), length)
+
+    def code(i: int) -> int:
+        value = decode(scan.bytes_at(int(start[i]), int(length[i])))
+        found = vocabulary.get(value)
+        return found if found is not None else vocabulary.setdefault(value, len(vocabulary))
+
+    groups, first, same = scan.group(start, length)
+    found = np.array([code(i) for i in first.tolist()], dtype=np.int64)[groups]
+    for i in np.flatnonzero(~same).tolist():  # a group key shared by different bytes
+        found[i] = code(i)
+    codes[rows] = found
+    return codes

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from math import isfinite
 from typing import NamedTuple
 
+import numpy as np
+
 from qis_beam.signing import (
     PUBLIC_KEY_BYTES,
     SIGNATURE_BYTES,
@@ -27,14 +29,18 @@ from qis_beam.wire import (
     DEFAULT_MAX_CLOCK_SKEW_MS,
     MAX_EMBEDDING,
     MAX_METRICS,
+    NODE_ID_AT,
     NODE_ID_BYTES,
     OUTCOME_NAMES,
+    PACKET_ID_AT,
     PACKET_ID_BYTES,
     SCHEMA_VERSION,
     TEMPLATE_ID_RE,
     OutcomePacket,
+    ScannedRecords,
     WireError,
     decode_signed,
+    scan_records,
 )
 
 # Ingestion reasons, in check order (spec section 4).
@@ -272,3 +278,144 @@ def validate_batch(
             packet_id = verdict.packet.packet_id if type(verdict) is Accepted else verdict.packet_id
             verdicts[at] = _bad_signature(SIGNATURE_BYTES, PUBLIC_KEY_BYTES, packet_id or None)
     return verdicts
+
+
+@dataclasses.dataclass
+class BatchVerdicts:
+    """:func:`validate_many`'s verdicts: the valid records' packet ids and payloads (in
+    record order) and every other record's rejection."""
+
+    valid: np.ndarray  # bool, per record
+    packet_ids: np.ndarray  # (valid records, 16) uint8
+    payloads: list[bytes]
+    rejections: list[tuple[int, Rejection]]  # (index in the batch, verdict), in order
+
+
+_I64_MAX = (1 << 63) - 1
+
+
+def validate_many(
+    data: bytes,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    policy: ValidationPolicy,
+    now_ms: int,
+    verify_all: Callable[[list[Signed]], list[bool]] = verify_many,
+) -> BatchVerdicts:
+    """:func:`validate_batch`'s verdicts for the records ``data[starts[i]:ends[i]]``, in
+    columns, computed mostly with numpy.
+
+    Records of the usual shape (:func:`qis_beam.wire.scan_records`) that pass every check
+    there are accepted without a Python call per record; every other record (any that is
+    or may be invalid) is judged by :func:`validate` itself, so verdicts are exactly its.
+    """
+    n = len(starts)
+    scan = scan_records(data, starts, ends)
+    fast = scan.ok & (ends - starts <= policy.max_packet_bytes)
+    if not policy.allow_unsigned:
+        fast &= scan.signed
+    skew, event = policy.max_clock_skew_ms, scan.event_time_ms
+    if 0 <= skew < 1 << 62 and abs(now_ms) < 1 << 62:  # int64 arithmetic cannot overflow
+        fast &= (event > 0) & (scan.emit_time_ms >= event - skew) & (event <= now_ms + skew)
+    else:  # every record goes the per-record way
+        fast[:] = False
+    fast &= np.isfinite(scan.outcome_delta) & (scan.confidence >= 0.0) & (scan.confidence <= 1.0)
+    fast &= (scan.metrics <= MAX_METRICS) & scan.metrics_finite
+    fast &= (scan.embedding <= MAX_EMBEDDING) & scan.embedding_finite
+    _check_keys_and_ids(scan, fast, policy.registry)
+
+    verdicts: dict[int, Accepted | Rejection] = {}
+    pending: list[Signed] = []
+    pending_at: list[int] = []
+
+    def defer(public_key: bytes, signature: bytes, payload: bytes) -> bool:
+        pending.append((public_key, signature, payload))
+        return True
+
+    for i in np.flatnonzero(~fast).tolist():
+        waiting = len(pending)
+        verdicts[i] = validate(data[starts[i] : ends[i]], policy, now_ms, defer)
+        if len(pending) != waiting:
+            pending_at.append(i)
+    buffer, p0, pe = scan.buffer, scan.payload_start, scan.payload_end
+    for i in np.flatnonzero(fast & scan.signed).tolist():
+        start, end, key = int(p0[i]), int(pe[i]), int(scan.public_key_start[i])
+        pending.append((buffer[key : key + 32], buffer[end + 2 : end + 66], buffer[start:end]))
+        pending_at.append(i)
+    ids = np.empty((n, 2), dtype="<u8")
+    ids[:, 0], ids[:, 1] = scan.u64[p0 + PACKET_ID_AT], scan.u64[p0 + PACKET_ID_AT + 8]
+    ids = ids.view(np.uint8)
+    for i, ok in zip(pending_at, verify_all(pending), strict=True):
+        if not ok:  # a later check's verdict: its packet_id is the packet's
+            verdict = verdicts.get(i)
+            if verdict is None:
+                packet_id = ids[i].tobytes()
+            elif type(verdict) is Accepted:
+                packet_id = verdict.packet.packet_id
+            else:
+                packet_id = verdict.packet_id
+            verdicts[i] = _bad_signature(SIGNATURE_BYTES, PUBLIC_KEY_BYTES, packet_id or None)
+    valid = fast.copy()
+    rejections = []
+    for i in sorted(verdicts):
+        verdict = verdicts[i]
+        if type(verdict) is Accepted:
+            valid[i] = True
+            ids[i] = np.frombuffer(verdict.packet.packet_id, dtype=np.uint8)
+        else:
+            valid[i] = False
+            rejections.append((i, verdict))
+    rows = np.flatnonzero(valid)
+    payloads = [buffer[a:b] for a, b in zip(p0[rows].tolist(), pe[rows].tolist(), strict=True)]
+    for i, verdict in verdicts.items():
+        if type(verdict) is Accepted:
+            payloads[int(np.searchsorted(rows, i))] = verdict.payload
+    return BatchVerdicts(valid, ids[rows], payloads, rejections)
+
+
+def validate_records(
+    records: Sequence[bytes],
+    policy: ValidationPolicy,
+    now_ms: int,
+    verify_all: Callable[[list[Signed]], list[bool]] = verify_many,
+) -> BatchVerdicts:
+    """:func:`validate_many` for a list of records."""
+    lengths = np.fromiter(map(len, records), dtype=np.int64, count=len(records))
+    ends = np.cumsum(lengths)
+    return validate_many(b"".join(records), ends - lengths, ends, policy, now_ms, verify_all)
+
+
+def _check_keys_and_ids(scan: ScannedRecords, fast: np.ndarray, registry) -> None:
+    """Clears ``fast`` where the node id is not SHA-256(public_key)[:16], the key is not in
+    the registry, or the template or approach id breaks its rule; each distinct key and id
+    is checked once, by the per-record path's own functions."""
+    rows = np.flatnonzero(fast)
+    if not len(rows):
+        return
+    keys_at = scan.public_key_start[rows]
+    codes, first, good = scan.group(keys_at, 32)
+    keys = [scan.bytes_at(int(keys_at[f]), 32) for f in first.tolist()]
+    expected = np.frombuffer(b"".join(map(_node_id_of, keys)), dtype="<u8").reshape(-1, 2)
+    node_at = scan.payload_start[rows] + NODE_ID_AT
+    good &= scan.u64[node_at] == expected[codes, 0]
+    good &= scan.u64[node_at + 8] == expected[codes, 1]
+    if registry is not None:
+        good &= np.array([key in registry for key in keys])[codes]
+    for (start, length), rule in (
+        (scan.template_id, TEMPLATE_ID_RE),
+        (scan.approach_id, APPROACH_ID_RE),
+    ):
+        start, length = start[rows], length[rows]
+        codes, first, same = scan.group(start, length)
+        allowed = [
+            _id_allowed(scan.bytes_at(int(start[f]), int(length[f])), rule) for f in first.tolist()
+        ]
+        good &= same & np.array(allowed)[codes]
+    fast[rows] = good
+
+
+def _id_allowed(raw: bytes, rule) -> bool:
+    try:
+        return rule.fullmatch(raw.decode()) is not None
+    except UnicodeDecodeError:
+        return False

@@ -8,10 +8,12 @@ Everything else imports these names instead of restating them.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 from google.protobuf.message import DecodeError
 
 from qis_beam.proto import packet_pb2
@@ -197,3 +199,240 @@ def split_corrupt_tail(source: str) -> tuple[str, str | None]:
         return source, None
     source, detail = source.split(_TAIL_MARK, 1)
     return source, detail
+
+
+# --- many records at once (the backfill's hot path) ---------------------------------------
+#
+# A batch of records is decoded column by column with numpy when each record has the shape
+# protobuf serialisers give a well-formed packet: Envelope ``payload [signature of 64 bytes]
+# public_key of 32 bytes``; OutcomePacket fields in field-number order, each at most once:
+# ``schema_version`` 1, 16-byte ids, a 32-byte address, template and approach ids of 1-64
+# bytes, a one-byte outcome type, optional delta, confidence and sample count, an event time
+# and optional emit time below 2**56, map entries as (key, value) with ASCII keys, a packed
+# embedding. Protobuf parses such a record to exactly these values. Every other record,
+# malformed or not, is only flagged (``ok`` False) for the per-record decoders above.
+
+_PAD = 1024  # zero bytes after a batch: reads a little past a record stay inside it
+_HIGH = np.uint64(0x8080808080808080)
+_LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
+_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
+# _KEEP[k + 256]: the low k bytes of a word (none for k <= 0, all 8 from k = 8 on)
+_KEEP = np.array([(1 << (8 * min(max(k, 0), 8))) - 1 for k in range(-256, 256)], np.uint64)
+_U32 = np.uint64(0xFFFFFFFF)
+_OUTCOME_BYTE = np.isin(np.arange(256), [t for t in OUTCOME_NAMES if t < 0x80])
+HEAD_BYTES = 72  # fields 1-4; packet_id, node_id and address at payload + 4, 22 and 40
+PACKET_ID_AT, NODE_ID_AT, ADDRESS_AT = 4, 22, 40
+# Odd multipliers that mix a string's words into one key (grouping is then verified).
+_MIX = np.array(
+    [(0x9E3779B97F4A7C15 + 2 * k * 0x632BE59BD9B4E019) % (1 << 64) for k in range(9)], np.uint64
+)
+
+
+class Words:
+    """``words[offsets]``: the 8 bytes from each offset of ``buffer`` as a little-endian uint64
+    (gathered as opaque 8-byte items: twice as fast as through a strided uint64 view)."""
+
+    def __init__(self, buffer: bytes):
+        self._items = np.ndarray((len(buffer) - 7,), dtype="V8", buffer=buffer, strides=(1,))
+
+    def __getitem__(self, offsets: np.ndarray) -> np.ndarray:
+        return self._items[offsets].view("<u8")
+
+
+@dataclasses.dataclass
+class ScannedRecords:
+    """Columns of n records (see above). Offsets index the batch; values hold only where
+    ``ok``; absent optional fields hold their proto3 defaults."""
+
+    buffer: bytes  # the records back to back, then _PAD zero bytes
+    ok: np.ndarray
+    payload_start: np.ndarray
+    payload_end: np.ndarray
+    signed: np.ndarray  # a 64-byte signature at payload_end + 2 (else none)
+    public_key_start: np.ndarray  # 32 bytes
+    template_id: tuple[np.ndarray, np.ndarray]  # (start, length)
+    approach_id: tuple[np.ndarray, np.ndarray]
+    outcome_type: np.ndarray
+    outcome_delta: np.ndarray
+    confidence: np.ndarray
+    event_time_ms: np.ndarray
+    emit_time_ms: np.ndarray
+    metrics: np.ndarray  # map entries on the wire (so at least its distinct keys)
+    metrics_finite: np.ndarray  # every entry's value is finite
+    embedding: np.ndarray  # context_embedding values
+    embedding_finite: np.ndarray
+
+    def __post_init__(self):
+        buffer = self.buffer
+        self.u8 = np.frombuffer(buffer, dtype=np.uint8)
+        # The 8 bytes from each offset, little-endian: one gather reads a whole word.
+        self.u64 = Words(buffer)
+
+    def words(self, start: np.ndarray, length: np.ndarray | int) -> list[np.ndarray]:
+        """The bytes ``[start, start + length)`` of each row as little-endian words, zero
+        past the end (as many words as the longest needs)."""
+        width = (int(np.max(length)) if len(length) else 0) if np.ndim(length) else length
+        out = []
+        for at in range(0, width, 8):  # lengths are below 256 here
+            out.append(self.u64[start + at] & _KEEP[length + (256 - at)])
+        return out
+
+    def group(self, start: np.ndarray, length: np.ndarray | int) -> tuple[np.ndarray, ...]:
+        """``(codes, first, same)`` of equal byte strings: rows with equal strings share a
+        code, ``first[code]`` is one of its rows; ``same`` False marks the (improbable) rows
+        whose string differs from their group's, to be handled by the caller."""
+        words = self.words(start, length)
+        key = np.zeros(len(start), dtype=np.uint64) + np.asarray(length, dtype=np.uint64)
+        key *= _MIX[-1]
+        for word, mix in zip(words, _MIX, strict=False):
+            key += word * mix
+        order = np.argsort(key)
+        key = key[order]
+        new = np.empty(len(key), dtype=bool)
+        new[:1] = True
+        np.not_equal(key[1:], key[:-1], out=new[1:])
+        codes = np.empty(len(key), dtype=np.int64)
+        codes[order] = np.cumsum(new) - 1
+        first = order[new]
+        same = np.ones(len(start), dtype=bool)
+        rep = first[codes]
+        if np.ndim(length):
+            same &= length == length[rep]
+        for word in words:
+            same &= word == word[rep]
+        return codes, first, same
+
+    def bytes_at(self, start: int, length: int) -> bytes:
+        return self.buffer[start : start + length]
+
+
+@np.errstate(invalid="ignore")  # rows not read hold any bits, signalling NaNs among them
+def scan_records(data: bytes, starts: np.ndarray, ends: np.ndarray) -> ScannedRecords:
+    """Columns of the records ``data[starts[i]:ends[i]]`` (int64 offsets, see above)."""
+    buffer = data + bytes(_PAD)
+    u8 = np.frombuffer(buffer, dtype=np.uint8)
+    u64 = Words(buffer)
+    ok = u8[starts] == 0x0A
+    # Envelope: the payload (its length in one or two bytes), then the rest.
+    b1, b2 = u8[starts + 1].astype(np.int64), u8[starts + 2].astype(np.int64)
+    two = b1 >= 0x80
+    ok &= ~two | (b2 < 0x80)
+    p0 = starts + 2 + two
+    pe = p0 + np.where(two, (b1 & 0x7F) | (b2 << 7), b1)
+    tail = ends - pe
+    signed = tail == 100
+    ok &= signed | (tail == 34)
+    pe = np.where(ok, pe, p0)
+    key_tag = pe + 66 * signed
+    ok &= (u8[key_tag] == 0x1A) & (u8[key_tag + 1] == 0x20)
+    ok &= ~signed | ((u8[pe] == 0x12) & (u8[pe + 1] == 0x40))
+    # Payload: fields 1-4, template_id, approach_id, outcome_type.
+    ok &= (u64[p0] & _U32) == 0x10120108  # 08 01 12 10: version 1, a 16-byte packet_id
+    ok &= (u64[p0 + 20] & 0xFFFF) == 0x101A  # 1a 10: a 16-byte node_id
+    ok &= (u64[p0 + 38] & 0xFFFF) == 0x2022  # 22 20: a 32-byte address
+    r = p0 + HEAD_BYTES
+    template = (r + 2, u8[r + 1].astype(np.int64))
+    ok &= (u8[r] == 0x2A) & (template[1] >= 1) & (template[1] <= 64)
+    r = template[0] + template[1]
+    approach = (r + 2, u8[r + 1].astype(np.int64))
+    ok &= (u8[r] == 0x32) & (approach[1] >= 1) & (approach[1] <= 64)
+    r = approach[0] + approach[1]
+    outcome = u8[r + 1]
+    ok &= (u8[r] == 0x38) & _OUTCOME_BYTE[outcome]
+    r += 2
+    # Optional delta, confidence and sample_count; the event time; optional emit time.
+    present = u8[r] == 0x41
+    delta = np.where(present, u64[r + 1].view("<f8"), 0.0)
+    r = r + 9 * present
+    present = u8[r] == 0x4D
+    confidence = (u64[r + 1] & _U32).astype(np.uint32).view("<f4").astype(np.float64)
+    confidence[~present] = 0.0
+    r = r + 5 * present
+    _, r = _varint(u8, u64, r, 0x50, 5, ok)
+    ok &= u8[r] == 0x58
+    event, r = _varint(u8, u64, r, 0x58, 8, ok)
+    emit, r = _varint(u8, u64, r, 0x60, 8, ok)
+    r = _within(r, pe, ok)
+    scanned = ScannedRecords(
+        buffer, ok, p0, pe, signed, key_tag + 2, template, approach, outcome.astype(np.int64),
+        delta, confidence, event.astype(np.int64), emit.astype(np.int64), None, None, None, None,
+    )  # fmt: skip
+    scanned.metrics, scanned.metrics_finite, r = _metrics(scanned, r, pe)
+    scanned.embedding, scanned.embedding_finite, r = _embedding(scanned, r, pe)
+    ok &= r == pe
+    return scanned
+
+
+def _within(r: np.ndarray, end: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Rows read past ``end`` are not ok; positions stay within reach of the pad."""
+    ok &= r <= end
+    return np.minimum(r, end)
+
+
+def _varint(u8, u64, r, tag: int, width: int, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An optional varint field of at most ``width`` (<= 8) bytes; longer ones: not ok."""
+    present = u8[r] == tag
+    word = u64[r + 1]
+    stops = ~word & _HIGH
+    low = stops & (~stops + np.uint64(1))  # the lowest stop bit: bit 8 * (size - 1) + 7
+    size = np.frexp(low.astype(np.float64))[1] // 8  # 0 when there is none
+    ok &= ~present | ((size >= 1) & (size <= width))
+    # Keep the bytes up to the stop and their low 7 bits, then pack the 7-bit groups.
+    y = word & (low * np.uint64(2) - np.uint64(1)) & _LOW7
+    y = (y & np.uint64(0x007F007F007F007F)) | ((y & np.uint64(0x7F007F007F007F00)) >> 1)
+    y = (y & np.uint64(0x00003FFF00003FFF)) | ((y & np.uint64(0x3FFF00003FFF0000)) >> 2)
+    y = (y & np.uint64(0x000000000FFFFFFF)) | ((y & np.uint64(0x0FFFFFFF00000000)) >> 4)
+    return np.where(present, y, np.uint64(0)), r + present * (1 + size)
+
+
+def _metrics(s: ScannedRecords, r: np.ndarray, end: np.ndarray):
+    """Map entries ``0x6A size 0x0A key-length key 0x11 double`` (one-byte lengths)."""
+    u8, ok = s.u8, s.ok
+    count = np.zeros(len(r), dtype=np.int64)
+    finite = np.ones(len(r), dtype=bool)
+    keys, key_lengths = [], []
+    for _ in range(MAX_METRICS + 1):
+        present = ok & (u8[r] == 0x6A)
+        if not present.any():
+            break
+        size, key_length = u8[r + 1].astype(np.int64), u8[r + 3].astype(np.int64)
+        value_at = r + 5 + key_length
+        good = present & (size < 0x80) & (size == key_length + 11) & (u8[r + 2] == 0x0A)
+        good &= u8[value_at - 1] == 0x11
+        key_length[~good] = 0
+        keys.append(r + 4)
+        key_lengths.append(key_length)
+        ok &= good | ~present
+        finite &= ~good | np.isfinite(s.u64[value_at].view("<f8"))
+        count += good
+        r = _within(np.where(good, r + 2 + size, r), end, ok)
+    ok &= u8[r] != 0x6A  # more entries than a valid packet has: the per-record path decides
+    if keys:  # ASCII keys (valid UTF-8, as protobuf requires)
+        key_at, key_length = np.concatenate(keys), np.concatenate(key_lengths)
+        rows = np.flatnonzero(key_length)
+        high = np.zeros(len(rows), dtype=np.uint64)
+        for word in s.words(key_at[rows], key_length[rows]):
+            high |= word & _HIGH
+        ok[rows[high != 0] % len(r)] = False
+    return count, finite, r
+
+
+def _embedding(s: ScannedRecords, r: np.ndarray, end: np.ndarray):
+    """Optional packed floats: ``0x72 length floats`` (a length of one or two bytes)."""
+    u8, ok = s.u8, s.ok
+    present = ok & (u8[r] == 0x72)
+    b1, b2 = u8[r + 1].astype(np.int64), u8[r + 2].astype(np.int64)
+    two = b1 >= 0x80
+    length = np.where(present, np.where(two, (b1 & 0x7F) | (b2 << 7), b1), 0)
+    ok &= ~present | ((~two | (b2 < 0x80)) & (length % 4 == 0))
+    start = r + 2 + two
+    r = _within(np.where(present, start + length, r), end, ok)
+    count = np.where(ok, length // 4, 0)
+    finite = np.ones(len(r), dtype=bool)
+    if count.any():
+        rows = np.repeat(np.arange(len(r)), count)
+        first = np.cumsum(count) - count
+        at = np.repeat(start - 4 * first, count) + 4 * np.arange(len(rows))
+        values = (s.u64[at] & _U32).astype(np.uint32).view("<f4")
+        finite[rows[~np.isfinite(values)]] = False
+    return count, finite, r

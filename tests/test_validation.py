@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from conftest import HOUR_MS, T0_MS, make_packet, make_record, node_key
 from hypothesis import given, settings
@@ -18,8 +19,9 @@ from qis_beam.validation import (
     ValidationPolicy,
     validate,
     validate_batch,
+    validate_records,
 )
-from qis_beam.wire import MINUTE_MS, Envelope, payload_of
+from qis_beam.wire import MINUTE_MS, Envelope, payload_of, scan_records
 
 NOW = T0_MS + 10_000
 POLICY = ValidationPolicy(now_ms=NOW)
@@ -243,3 +245,177 @@ def test_batch_validation_gives_the_per_record_verdicts(allow_unsigned):
         verifier.close()
     reasons = {v.reason for v in expected if isinstance(v, Rejection)}
     assert {"bad_signature", "undecodable", "future_event_time"} <= reasons
+
+
+# ------------------------------------------- column-wise validation (the backfill's path)
+# validate_many judges the usual record shape with numpy and hands every other record to
+# validate(): its verdicts must be validate()'s, record for record, whatever the input.
+
+
+def assert_same_as_per_record(records: list[bytes], policy: ValidationPolicy, now: int = NOW):
+    expected = [validate(record, policy, now) for record in records]
+    got = validate_records(records, policy, now)
+    accepted = [v for v in expected if isinstance(v, Accepted)]
+    assert got.valid.tolist() == [isinstance(v, Accepted) for v in expected]
+    assert got.payloads == [v.payload for v in accepted]
+    assert [bytes(p) for p in got.packet_ids] == [v.packet.packet_id for v in accepted]
+    assert got.rejections == [(i, v) for i, v in enumerate(expected) if isinstance(v, Rejection)]
+    return got
+
+
+def fast_rows(records: list[bytes]) -> list[bool]:
+    lengths = np.array([len(r) for r in records], dtype=np.int64)
+    ends = np.cumsum(lengths)
+    return scan_records(b"".join(records), ends - lengths, ends).ok.tolist()
+
+
+SKEW = 5 * MINUTE_MS
+# Each field: valid values (edge ones among them), then values some check must reject.
+FIELD_VALUES = {
+    "packet_id": ([bytes(range(16)), b"\xff" * 16], [b"", b"x" * 15, b"y" * 17]),
+    "address": ([bytes(32), b"\x80" * 32], [b"a" * 31, b"b" * 33, b""]),
+    "template_id": (["llm-finetune/v1", "x:y/z-1.2_3", "t" * 64], ["t" * 65, "", "Up", "é", "t\0"]),
+    "approach_id": (
+        ["lr=1", "ok+x=/:.-_9", "a" * 64, "9"],
+        ["a" * 65, "", "-bad", "free text", "é", "\x7f"],
+    ),
+    "outcome_type": ([1, 2, 3, 4], [0, 5, 127, 128, 2**31 - 1, -1]),
+    "outcome_delta": ([0.04, 0.0, -0.0, -1e300, 5e-324], [math.inf, -math.inf, math.nan]),
+    "confidence": ([0.8, 0.0, -0.0, 1.0, 1e-40], [1.0000001, -0.1, math.inf, math.nan]),
+    "sample_count": ([100, 0, 2**32 - 1], []),
+    "event_time_ms": ([T0_MS, 1, NOW + SKEW], [0, -5, NOW + SKEW + 1, 2**56, 2**63 - 1]),
+    "emit_shift": ([1000, 0, -SKEW, 2**40], [-SKEW - 1, None]),
+    "metrics": (
+        [{}, {"loss": 0.5}, {f"m{i}": float(i) for i in range(8)}, {"": -0.0, "é": 1e300}],
+        [{f"m{i}": 1.0 for i in range(9)}, {"loss": math.nan}, {"k": -math.inf}],
+    ),
+    "context_embedding": ([[], [0.5, -0.0], [0.25] * 64], [[0.25] * 65, [math.nan], [1e39]]),
+}
+packet_fields = st.fixed_dictionaries(
+    {name: st.sampled_from(good) for name, (good, _) in FIELD_VALUES.items()}
+).flatmap(
+    lambda fields: st.lists(
+        st.sampled_from([(n, v) for n, (_, bad) in FIELD_VALUES.items() for v in bad]),
+        max_size=2,
+    ).map(lambda defects: {**fields, **dict(defects)})
+)
+envelope_kind = st.sampled_from(
+    ["signed", "signed", "unsigned", "unsigned", "unsigned-no-key", "forged", "odd-key"]
+)
+
+
+def record_of(fields: dict, kind: str, node: int = 1, node_id: bytes | None = None) -> bytes:
+    fields = dict(fields)
+    shift = fields.pop("emit_shift")
+    event = fields["event_time_ms"]
+    fields["emit_time_ms"] = 0 if shift is None else max(-(2**63), min(event + shift, 2**63 - 1))
+    key = node_key(node)
+    packet = make_packet(key, **fields)
+    if node_id is not None:
+        packet.node_id = node_id
+    payload = packet.SerializeToString(deterministic=True)
+    if kind == "signed":
+        return envelope(payload, key.sign(payload), key.public_key)
+    if kind == "forged":
+        return envelope(payload, node_key(node + 1).sign(payload), key.public_key)
+    if kind == "odd-key":
+        return envelope(payload, b"", key.public_key[:31])
+    return envelope(payload, b"", key.public_key if kind == "unsigned" else b"")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    batch=st.lists(
+        st.tuples(
+            packet_fields,
+            envelope_kind,
+            st.integers(1, 3),
+            st.sampled_from([None, None, None, None, b"\x01" * 16, b"\x02" * 8]),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    allow_unsigned=st.booleans(),
+    registry=st.sampled_from([None, (1,), (1, 2)]),
+    max_bytes=st.sampled_from([1024, 200, 4096]),
+    skew=st.sampled_from([SKEW, 0, 2**62 - 1, 2**62, 2**63, 10**30]),
+)
+def test_column_wise_verdicts_are_the_per_record_ones(
+    batch, allow_unsigned, registry, max_bytes, skew
+):
+    records = [record_of(f, kind, node, nid) for f, kind, node, nid in batch]
+    keys = None if registry is None else frozenset(node_key(i).public_key for i in registry)
+    policy = ValidationPolicy(
+        now_ms=NOW,
+        allow_unsigned=allow_unsigned,
+        registry=keys,
+        max_packet_bytes=max_bytes,
+        max_clock_skew_ms=skew,
+    )
+    assert_same_as_per_record(records, policy)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    mutations=st.lists(
+        st.tuples(
+            st.sampled_from(["flip", "cut", "insert", "set"]),
+            st.integers(0, 10_000),
+            st.binary(min_size=1, max_size=8),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    signed=st.booleans(),
+)
+def test_column_wise_verdicts_of_mutated_records(mutations, signed):
+    key = node_key(1)
+    packet = make_packet(key, metrics={"loss": 0.5, "acc": 0.9}, context_embedding=[0.5] * 3)
+    good = seal(key if signed else None, packet, public_key=key.public_key)
+    data = bytearray(good)
+    for kind, at, blob in mutations:
+        at %= max(len(data), 1)
+        if kind == "flip" and data:
+            data[at] ^= blob[0] or 1
+        elif kind == "set" and data:
+            data[at] = blob[0]
+        elif kind == "cut":
+            del data[at : at + len(blob)]
+        else:
+            data[at:at] = blob
+    policy = ValidationPolicy(now_ms=NOW, allow_unsigned=True)
+    assert_same_as_per_record([good, bytes(data), good, bytes(data)[:-1]], policy)
+
+
+def test_usual_records_take_the_column_wise_path():
+    """The fast path is not vacuous: the records the emitter writes take it, signed or not,
+    with metrics and an embedding, and so do the mixed batch's valid ones."""
+    key = node_key(1)
+    usual = [
+        make_record(),
+        seal(None, make_packet(key), public_key=key.public_key),
+        make_record(metrics={f"m{i}": float(i) for i in range(8)}, context_embedding=[0.1] * 64),
+        make_record(outcome_delta=0.0, confidence=0.0, sample_count=0),
+        make_record(template_id="t" * 64, approach_id="a" * 64),
+    ]
+    assert fast_rows(usual) == [True] * len(usual)
+    policy = ValidationPolicy(now_ms=NOW, max_packet_bytes=4096, allow_unsigned=True)
+    got = assert_same_as_per_record(usual, policy)
+    assert got.valid.all() and not got.rejections
+
+
+@pytest.mark.parametrize("allow_unsigned", [False, True])
+def test_column_wise_verdicts_of_the_mixed_batch(allow_unsigned):
+    policy = ValidationPolicy(now_ms=NOW, allow_unsigned=allow_unsigned)
+    records = _mixed_batch()
+    got = assert_same_as_per_record(records, policy)
+    verifier = ThreadedVerifier(threads=3)
+    verifier.MIN_PER_THREAD = 4
+    try:
+        threaded = validate_records(records, policy, NOW, verifier)
+    finally:
+        verifier.close()
+    assert threaded.valid.tolist() == got.valid.tolist()
+    assert (threaded.payloads, threaded.rejections) == (got.payloads, got.rejections)
+    assert threaded.packet_ids.tolist() == got.packet_ids.tolist()
+    assert validate_records([], policy, NOW).rejections == []

@@ -4,12 +4,18 @@ and replay (BundleBasedDirectRunner) give the same dead letters for the same byt
 from __future__ import annotations
 
 import base64
+import math
 import os
 
+import numpy as np
 import pytest
 from conftest import HOUR_MS, T0_MS, fnapi_options, make_packet, make_record, node_key
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from qis_beam import positions
 from qis_beam.emitter import seal
+from qis_beam.partials import PacketColumns
 from qis_beam.positions import FRAMING, iter_framed, open_log
 from qis_beam.tfrecords import CorruptRecordFile, split_records, write_record
 from qis_beam.validation import ValidationPolicy, validate
@@ -28,6 +34,7 @@ from qis_beam.wire import (
     decode_signed,
     iter_packets,
     payload_of,
+    scan_records,
     split_corrupt_tail,
 )
 
@@ -203,3 +210,213 @@ def test_both_framing_readers_stop_at_the_same_byte_for_the_same_reason(tmp_path
 
 def _flip(data: bytes, at: int) -> bytes:
     return data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1 :]
+
+
+# ------------------------------------------------------ many records at once (backfill)
+
+
+def _scanned(records: list[bytes]):
+    lengths = np.array([len(r) for r in records], dtype=np.int64)
+    ends = np.cumsum(lengths)
+    return scan_records(b"".join(records), ends - lengths, ends)
+
+
+_values = st.sampled_from([0.0, -0.0, 0.25, -3.5, 1e300, 5e-324, math.inf, math.nan])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "template_id": st.text("abc/:-._01", min_size=1, max_size=64),
+                "approach_id": st.text("abc=+01", min_size=1, max_size=64),
+                "outcome_type": st.integers(1, 4),
+                "outcome_delta": _values,
+                "confidence": _values,
+                "sample_count": st.sampled_from([0, 1, 2**32 - 1]),
+                "event_time_ms": st.integers(1, 2**56 - 1),
+                "emit_time_ms": st.integers(0, 2**56 - 1),
+                "metrics": st.dictionaries(st.text("xyz_", max_size=20), _values, max_size=8),
+                "context_embedding": st.lists(_values, max_size=64),
+                "packet_id": st.binary(min_size=16, max_size=16),
+            }
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.booleans(),
+)
+def test_scanned_columns_are_what_protobuf_decodes(fields, signed):
+    key = node_key(1)
+    packets = [make_packet(key, **f) for f in fields]
+    records = [seal(key if signed else None, p, public_key=key.public_key) for p in packets]
+    scan = _scanned(records)
+    assert scan.ok.all()
+    data = scan.buffer
+    for i, record in enumerate(records):
+        envelope, packet = decode_record(record)
+        p0, pe = int(scan.payload_start[i]), int(scan.payload_end[i])
+        assert data[p0:pe] == envelope.payload
+        assert bool(scan.signed[i]) == bool(envelope.signature)
+        assert data[pe + 2 : pe + 66] == envelope.signature or not envelope.signature
+        key_at = int(scan.public_key_start[i])
+        assert data[key_at : key_at + 32] == envelope.public_key
+        assert data[p0 + 4 : p0 + 20] == packet.packet_id
+        assert data[p0 + 22 : p0 + 38] == packet.node_id
+        assert data[p0 + 40 : p0 + 72] == packet.semantic_address
+        for (start, length), value in (
+            (scan.template_id, packet.template_id),
+            (scan.approach_id, packet.approach_id),
+        ):
+            assert data[start[i] : start[i] + length[i]].decode() == value
+        assert scan.outcome_type[i] == packet.outcome_type
+        got = (float(scan.outcome_delta[i]), float(scan.confidence[i]))
+        assert repr(got) == repr((packet.outcome_delta, packet.confidence))  # nan-safe
+        assert (scan.event_time_ms[i], scan.emit_time_ms[i]) == (
+            packet.event_time_ms,
+            packet.emit_time_ms,
+        )
+        assert scan.metrics[i] == len(packet.metrics)
+        assert scan.metrics_finite[i] == all(map(math.isfinite, packet.metrics.values()))
+        assert scan.embedding[i] == len(packet.context_embedding)
+        assert scan.embedding_finite[i] == all(map(math.isfinite, packet.context_embedding))
+
+
+def test_records_of_other_shapes_are_left_to_protobuf():
+    """Valid protobuf the scan does not read: flagged, never misread."""
+    good = make_record()
+    envelope, packet = decode_record(good)
+    out_of_order = Envelope(public_key=envelope.public_key).SerializeToString() + (
+        Envelope(payload=envelope.payload, signature=envelope.signature).SerializeToString()
+    )
+    repeated = good + Envelope(public_key=envelope.public_key).SerializeToString()
+    n = len(envelope.payload)  # its length as a three-byte varint (protobuf takes those)
+    long_varint = b"\x0a" + bytes([n & 0x7F | 0x80, n >> 7 | 0x80, 0]) + good[3:]
+    unknown_field = seal(node_key(1), packet)[:-34] + b"\x20\x01" + good[-34:]
+    big_time = make_record(event_time_ms=2**56, emit_time_ms=2**56)
+    odd_key = make_record(metrics={"é": 1.0})
+    scan = _scanned([good, out_of_order, repeated, long_varint, unknown_field, big_time])
+    assert scan.ok.tolist() == [True, False, False, False, False, False]
+    assert decode_record(long_varint)[1] == packet
+    assert not _scanned([odd_key]).ok.any()
+    assert decode_record(out_of_order)[1] == packet  # all valid protobuf, decoded elsewhere
+
+
+@pytest.mark.parametrize("chunk", [64, 300, 1 << 20])
+@pytest.mark.parametrize("max_records", [1, 3, 1000])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        None,
+        lambda d, at: _flip(d, at + 1),
+        lambda d, at: _flip(d, at + 9),
+        lambda d, at: _flip(d, at + 20),
+        lambda d, at: _flip(d, at + 400),  # the next record's header or data
+        lambda d, at: d[: at + 30],
+        lambda d, at: d[: at + 5],
+        lambda d, at: d + b"\x01",
+    ],
+)
+def test_runs_hand_on_what_iter_framed_reads(tmp_path, monkeypatch, chunk, max_records, damage):
+    """The backfill reads with positions.iter_runs: the same records as iter_framed, cut into
+    runs by the batch rule, then the same error at the same byte."""
+    monkeypatch.setattr(positions, "CHUNK_BYTES", chunk)
+    records = [
+        make_record(node_key(1), packet_id=bytes([i]) * 16, metrics={"m": 1.0} if i % 2 else {})
+        for i in range(9)
+    ]
+    path = tmp_path / "log.tfrecord"
+    with open(path, "wb") as f:
+        for record in records:
+            write_record(f, record)
+    data = path.read_bytes()
+    if damage is not None:
+        data = damage(data, 3 * (len(records[0]) + FRAMING) + 3 * 4)
+        path.write_bytes(data)
+
+    def read(reader):
+        out, error = [], None
+        with open_log(str(path)) as handle:
+            try:
+                for item in reader(handle):
+                    out.append(item)
+            except CorruptRecordFile as e:
+                error = (e.offset, str(e), e.rest)
+        return out, error
+
+    framed, framed_error = read(iter_framed)
+    runs, runs_error = read(lambda h: positions.iter_runs(h, max_records, 1 << 20))
+    assert runs_error == framed_error
+    got = []
+    for start, run, at, lengths in runs:
+        assert len(at) <= max_records and data[start : start + len(run)] == run
+        got += [(start + a, run[a + 12 : a + 12 + n]) for a, n in zip(at, lengths, strict=True)]
+    assert got == framed
+    full = [len(at) for _, _, at, _ in runs[:-1]]
+    assert all(n == max_records for n in full) or framed_error is not None
+
+
+def test_runs_end_at_the_byte_limit(tmp_path):
+    records = [make_record(node_key(1), packet_id=bytes([i]) * 16) for i in range(6)]
+    path = tmp_path / "log.tfrecord"
+    with open(path, "wb") as f:
+        for record in records:
+            write_record(f, record)
+    size = len(records[0])
+    with open_log(str(path)) as handle:
+        runs = list(positions.iter_runs(handle, 100, 2 * (size + FRAMING) + size))
+    assert [len(at) for _, _, at, _ in runs] == [3, 3]  # the third record's data reaches it
+
+
+def test_scanned_columns_fold_as_parsed_payloads():
+    """The second pass folds scanned columns; a record the scan cannot read is parsed."""
+    key = node_key(1)
+    records = [
+        make_record(
+            key, packet_id=bytes([i]) * 16, approach_id=f"a{i % 3}", event_time_ms=T0_MS + i
+        )
+        for i in range(40)
+    ] + [make_record(key, metrics={"é": 1.0})]  # not read by the scan
+    scan = _scanned(records)
+    assert scan.ok.tolist() == [True] * 40 + [False]
+    by_scan, by_parse = PacketColumns(HOUR_MS), PacketColumns(HOUR_MS)
+    by_scan.add_scanned(scan, lambda i: payload_of(records[i]))
+    by_parse.add_payloads([payload_of(r) for r in records])
+    (w1, a1), (w2, a2) = by_scan.fold(), by_parse.fold()
+    assert {k: s.to_bytes() for k, s in w1.items()} == {k: s.to_bytes() for k, s in w2.items()}
+    assert {k: s.to_bytes() for k, s in a1.items()} == {k: s.to_bytes() for k, s in a2.items()}
+
+
+@pytest.mark.parametrize("damage_at", [None, 20, 6000])
+def test_runs_of_records_larger_than_a_chunk(tmp_path, monkeypatch, damage_at):
+    monkeypatch.setattr(positions, "CHUNK_BYTES", 1000)
+    records = [
+        make_record(node_key(1), packet_id=bytes([i]) * 16, context_embedding=[0.5] * 1500 * i)
+        for i in range(4)
+    ]  # 0.2, 6, 12 and 18 KB: lengths past the table of length checksums, reads past a chunk
+    path = tmp_path / "log.tfrecord"
+    with open(path, "wb") as f:
+        for record in records:
+            write_record(f, record)
+    if damage_at is not None:
+        path.write_bytes(_flip(path.read_bytes(), len(records[0]) + FRAMING + damage_at))
+
+    def read(reader):
+        out, error = [], None
+        with open_log(str(path)) as handle:
+            try:
+                out.extend(reader(handle))
+            except CorruptRecordFile as e:
+                error = (e.offset, str(e), e.rest)
+        return out, error
+
+    def from_runs(handle):
+        for start, run, at, lengths in positions.iter_runs(handle, 2, 1 << 20):
+            yield from (
+                (start + a, run[a + 12 : a + 12 + n]) for a, n in zip(at, lengths, strict=True)
+            )
+
+    framed = read(iter_framed)
+    assert read(from_runs) == framed
+    assert len(framed[0]) == (4 if damage_at is None else 1)

@@ -39,7 +39,8 @@ class Columns:
     """One entry per packet in every column (``template_ids`` may be one string for all)."""
 
     template_ids: Sequence[str] | str
-    node_hashes: np.ndarray  # uint64, see node_hash_array
+    # uint64 (see node_hash_array), or (distinct hashes ascending, index of each packet's)
+    node_hashes: np.ndarray | tuple[np.ndarray, np.ndarray]
     approach_codes: np.ndarray  # int, indexes approach_vocab
     approach_vocab: Sequence[str]
     outcome_types: np.ndarray
@@ -66,7 +67,8 @@ def synthesize_columns(
 
     One entry per packet in every column; ``template_ids`` may also be a single string.
     ``address_keys`` and ``approach_ids`` are one value per packet or a ``(codes, vocabulary)``
-    pair (see :meth:`Synthesis.add_columns`). Node hashes come from :func:`node_hash_array`.
+    pair (see :meth:`Synthesis.add_columns`). Node hashes come from :func:`node_hash_array`,
+    or already coded as ``(np.unique(hashes), index of each packet's)``.
     """
     groups, addresses = factorize(address_keys)
     if not addresses:
@@ -107,14 +109,15 @@ def fold_groups(
 ) -> list[Synthesis]:
     """One fresh :class:`Synthesis` (with ``caps``) per group code 0..n_groups-1, every group
     non-empty; ``groups`` holds each packet's code."""
-    with _gc_paused():
+    with gc_paused():
         return _fold_groups(groups, n_groups, columns, caps)
 
 
 @contextlib.contextmanager
-def _gc_paused():
-    """A batch builds a few objects per (group, approach) pair, none in a cycle: the cyclic
-    collector would only walk them again and again (a third of the fold's time)."""
+def gc_paused():
+    """No cyclic garbage collection inside, for code that builds many objects, none in a
+    cycle: the collector would only walk them again and again (a fold builds a few per
+    (group, approach) pair: a third of its time)."""
     if not gc.isenabled():
         yield
         return
@@ -130,7 +133,14 @@ def _fold_groups(
 ) -> list[Synthesis]:
     node_k, approach_node_k, max_approaches = caps
     n = len(groups)
-    h = np.asarray(columns.node_hashes, dtype=np.uint64)
+    h = columns.node_hashes
+    if isinstance(h, tuple):  # already coded: (distinct hashes ascending, code of each packet)
+        uh, node_code = h
+        h = node_code
+    else:
+        h = np.asarray(h, dtype=np.uint64)
+        uh, node_code = np.unique(h, return_inverse=True)
+        node_code = node_code.reshape(-1)
     ot = np.asarray(columns.outcome_types, dtype=np.int64)
     d = np.asarray(columns.deltas, dtype=np.float64)
     w = np.asarray(columns.confidences, dtype=np.float64)
@@ -164,10 +174,8 @@ def _fold_groups(
 
     # Distinct nodes: code the hashes densely in hash order, so that sorting the single int64
     # key group*U + code sorts by (group, hash) and deduplicates both at once.
-    uh, node_code = np.unique(h, return_inverse=True)
-    node_code = node_code.reshape(-1)
     U = len(uh)
-    gkey = sorted_unique(groups * U + node_code)
+    gkey = _sorted_distinct(groups * U + node_code, G * U)
     g_nodes = DistinctSketch.split(
         uh[gkey % U], np.searchsorted(gkey // U, np.arange(G + 1)), node_k
     )
@@ -202,7 +210,7 @@ def _fold_groups(
     # Approaches: the same per (group, approach) pair.
     vocab = columns.approach_vocab
     V = max(len(vocab), 1)
-    upair, pinv = _dense_codes(groups * V + approach_codes, G * V)
+    upair, pinv = dense_codes(groups * V + approach_codes, G * V)
     P = len(upair)
     p_n = np.bincount(pinv, minlength=P).tolist()
     p_tw = np.bincount(pinv, weights=w, minlength=P).tolist()
@@ -211,7 +219,7 @@ def _fold_groups(
     p_fs = np.bincount(pinv, weights=wf, minlength=P).tolist()
     p_group = (upair // V).tolist()
     p_code = (upair % V).tolist()
-    pkey = sorted_unique(pinv * U + node_code)
+    pkey = _sorted_distinct(pinv * U + node_code, P * U)
     p_nodes = DistinctSketch.split(
         uh[pkey % U], np.searchsorted(pkey // U, np.arange(P + 1)), approach_node_k
     )
@@ -229,7 +237,7 @@ def _fold_groups(
     return out
 
 
-def _dense_codes(x: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def dense_codes(x: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(sorted distinct values, index of each x among them) for ints x in [0, size)."""
     if size <= 4 * len(x) + 4096:
         # A presence table beats a binary search per element when the key space is small.
@@ -237,6 +245,15 @@ def _dense_codes(x: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
         return np.flatnonzero(present), (np.cumsum(present) - 1)[x]
     ux = sorted_unique(x)
     return ux, np.searchsorted(ux, x)
+
+
+def _sorted_distinct(x: np.ndarray, size: int) -> np.ndarray:
+    """The distinct values of ints x in [0, size), ascending."""
+    if size <= 4 * len(x) + 4096:
+        present = np.zeros(size, dtype=bool)
+        present[x] = True
+        return np.flatnonzero(present)
+    return sorted_unique(x)
 
 
 def _min_template_per_group(

@@ -2,8 +2,10 @@
 
 No funnel and no raw records in the shuffle:
 
-1. ``Validate`` runs per record batch (one range of a file; signatures verified on a thread
-   pool). Each valid copy becomes a 24-byte entry: packet_id prefix, a keyed 64-bit digest of
+1. ``Validate`` runs per record batch (one range of a file, as read), column-wise
+   (:func:`qis_beam.validation.validate_many`: numpy over the batch for records of the usual
+   shape, :func:`~qis_beam.validation.validate` for the others; signatures verified on a
+   thread pool). Each valid copy becomes a 24-byte entry: packet_id prefix, a keyed 64-bit digest of
    its payload and its source position. Entries go to ``shards`` dedupe keys by a hash of the
    packet_id (many keys, sized from the input: see :func:`qis_beam.dedupe.shards_for`), in
    slices buffered across the bundle (at most 2**18 entries, 6 MiB, in all), so a shuffled
@@ -40,15 +42,15 @@ from qis_beam.dedupe import (
     ENTRY,
     Position,
     decide,
-    packet_id_prefixes,
     payload_digests,
     repeated_runs,
     shard_of,
 )
-from qis_beam.positions import FRAMING, fetch_records
+from qis_beam.positions import HEADER_BYTES, fetch_records
 from qis_beam.signing import ThreadedVerifier
 from qis_beam.transforms.deadletters import DEAD_LETTERS, counter, dead_letter, distribution
-from qis_beam.validation import DUPLICATE_REASON, Rejection, ValidationPolicy, validate_batch
+from qis_beam.transforms.read import RecordBatch
+from qis_beam.validation import DUPLICATE_REASON, ValidationPolicy, validate_many
 from qis_beam.wire import decode_packet, payload_of
 
 RANGES = "ranges"
@@ -102,35 +104,29 @@ class _ValidateBatchFn(beam.DoFn):
         self._pending: list[np.ndarray] = []
         self._buffered = 0
 
-    def process(self, batch: tuple[str, int, list[bytes]]) -> Iterator:
-        source, start, records = batch
+    def process(self, batch: RecordBatch) -> Iterator:
+        source, start, data, rel, lengths = batch  # rel: each header's offset in the range
         policy = self._policy
-        verdicts = validate_batch(records, policy, policy.clock_ms(), self._verifier)
+        at = rel + HEADER_BYTES
+        verdicts = validate_many(data, at, at + lengths, policy, policy.clock_ms(), self._verifier)
+        for i, verdict in verdicts.rejections:
+            record = data[at[i] : at[i] + lengths[i]]
+            yield TaggedOutput(
+                DEAD_LETTERS,
+                dead_letter(verdict.reason, verdict.detail, record, verdict.packet_id, source),
+            )
+        invalid = rel[[i for i, _ in verdicts.rejections]]
+        valid = len(verdicts.payloads)
         key = range_key(source, start)
-        invalid: list[int] = []
-        pids: list[bytes] = []
-        payloads: list[bytes] = []
-        rels: list[int] = []
-        rel = 0
-        for record, verdict in zip(records, verdicts, strict=True):
-            if isinstance(verdict, Rejection):
-                yield TaggedOutput(
-                    DEAD_LETTERS,
-                    dead_letter(verdict.reason, verdict.detail, record, verdict.packet_id, source),
-                )
-                invalid.append(rel)
-            else:
-                pids.append(verdict.packet.packet_id)
-                payloads.append(verdict.payload)
-                rels.append(rel)
-            rel += len(record) + FRAMING
-        yield TaggedOutput(RANGES, (key, (start + rel, len(pids), _relative(invalid))))
-        if not pids:
+        yield TaggedOutput(RANGES, (key, (start + len(data), valid, _relative(invalid))))
+        if not valid:
             return
-        entries = np.empty(len(pids), dtype=ENTRY)
-        entries["id"] = packet_id_prefixes(pids)
-        entries["digest"] = np.frombuffer(payload_digests(payloads, self._digest_key), "<u8")
-        entries["rel"] = rels
+        entries = np.empty(valid, dtype=ENTRY)
+        entries["id"] = verdicts.packet_ids[:, :8].copy().view(">u8").reshape(-1)
+        entries["digest"] = np.frombuffer(
+            payload_digests(verdicts.payloads, self._digest_key), "<u8"
+        )
+        entries["rel"] = rel[verdicts.valid]
         entries["range"] = len(self._ranges)
         self._ranges.append((source, start))
         self._pending.append(entries)
@@ -147,7 +143,10 @@ class _ValidateBatchFn(beam.DoFn):
         if not self._pending:
             return
         entries = np.concatenate(self._pending)
-        ranges = self._ranges
+        names: dict[str, int] = {}
+        range_path = np.array([names.setdefault(p, len(names)) for p, _ in self._ranges])
+        range_start = np.array([start for _, start in self._ranges], dtype=np.uint64)
+        names_list = list(names)
         self._pending, self._ranges, self._buffered = [], [], 0
         shards = shard_of(entries, self._shards)
         order = np.argsort(shards, kind="stable")
@@ -158,12 +157,12 @@ class _ValidateBatchFn(beam.DoFn):
         ):
             used, local = np.unique(part["range"], return_inverse=True)
             part["range"] = local.reshape(-1)
-            paths: dict[str, int] = {}
+            paths, path_of = np.unique(range_path[used], return_inverse=True)
             table = np.empty(len(used), dtype=RANGE)
-            for j, i in enumerate(used.tolist()):
-                path, start = ranges[i]
-                table[j] = (paths.setdefault(path, len(paths)), start)
-            yield str(shard), (list(paths), table.tobytes(), part.tobytes())
+            table["path"] = path_of.reshape(-1)
+            table["start"] = range_start[used]
+            files = [names_list[i] for i in paths.tolist()]
+            yield str(shard), (files, table.tobytes(), part.tobytes())
 
 
 class _DedupeShardFn(beam.DoFn):

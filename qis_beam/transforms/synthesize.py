@@ -23,12 +23,12 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 from apache_beam.utils.windowed_value import PaneInfoTiming, WindowedValue
 
 from qis_beam.partials import PacketColumns
-from qis_beam.positions import iter_framed, open_log
+from qis_beam.positions import HEADER_BYTES, frame_range, read_range
 from qis_beam.settings import WindowSettings
 from qis_beam.synthesis import Synthesis, SynthesisParams
 from qis_beam.transforms.deadletters import counter, distribution
 from qis_beam.transforms.ingest import DROPS, RangePart, parse_range_key
-from qis_beam.wire import payload_of
+from qis_beam.wire import payload_of, scan_records
 
 Partial = tuple[str, Synthesis]
 
@@ -89,7 +89,9 @@ class _MergeOwnedPartialsFn(MergeSynthesesFn):
 class _FoldRangesFn(beam.DoFn):
     """Second pass of the backfill: re-read each range, fold the packets the dedupe kept.
 
-    Columns of the ranges of a bundle (~50 bytes a packet) are folded every ``FOLD_PACKETS``
+    A range is read in one piece and its kept records decoded column-wise
+    (:func:`qis_beam.wire.scan_records`; a record of another shape is parsed by protobuf).
+    Columns of the ranges of a bundle (~64 bytes a packet) are folded every ``FOLD_PACKETS``
     packets and at the end of the bundle, into partials keyed by (address, window) (main
     output) and by address (``all_time``): the pre-aggregation step of the combines after.
     """
@@ -115,13 +117,15 @@ class _FoldRangesFn(beam.DoFn):
         distribution("range_key_packets").update(valid)
         if end is None or not valid:
             return
-        with open_log(path) as handle:
-            framed = iter_framed(handle, start, end, check_crc=False)
-            if skip:
-                payloads = [payload_of(r) for o, r in framed if o - start not in skip]
-            else:
-                payloads = [payload_of(r) for _, r in framed]
-        self._columns.add_payloads(payloads)
+        data = read_range(path, start, end)
+        offsets, lengths = frame_range(data)
+        at = np.array(offsets, dtype=np.int64) + HEADER_BYTES
+        size = np.array(lengths, dtype=np.int64)
+        if skip:
+            kept = ~np.isin(at - HEADER_BYTES, np.fromiter(skip, np.int64, len(skip)))
+            at, size = at[kept], size[kept]
+        scan = scan_records(data, at, at + size)
+        self._columns.add_scanned(scan, lambda i: payload_of(data[at[i] : at[i] + size[i]]))
         if len(self._columns) >= FOLD_PACKETS:
             yield from self._fold()
 
