@@ -1,12 +1,18 @@
 """Freshness on the local stack: from a packet's publish to the moment GetSynthesis counts it.
 
-    python benchmarks/bench_freshness.py            # 50 packets/s for 60 s, --emit-every 5s
-    python benchmarks/bench_freshness.py --rate 20 --duration 120 --emit-every 5s
+    python benchmarks/bench_freshness.py            # Flink, 50 packets/s for 60 s, --emit-every 5s
+    python benchmarks/bench_freshness.py --rate 200 --duration 60 --emit-every 5s \
+        --watermark-delay 5s
+    python benchmarks/bench_freshness.py --runner prism --rate 20 --duration 120
 
-Starts Kafka and PostgreSQL with ``qis_beam.stack`` (a fresh state folder, stopped at the
-end), then ``qis-beam run --source kafka`` on Prism (the runner the Kafka end-to-end test
-uses; Flink cannot run on this machine, see README "The local stack") upserting into
-PostgreSQL, and ``qis-beam serve`` on that database. Signed packets for ``--problems`` fresh
+Starts Kafka, PostgreSQL and (``--runner flink``, the default) Flink with ``qis_beam.stack``
+(a fresh state folder, stopped at the end), then ``qis-beam run --source kafka`` upserting
+into PostgreSQL -- on the stack's Flink session cluster with ``--profile local-flink``
+(LOOPBACK SDK harness in the launcher, ``--parallelism`` 2 by default; the job-server jar from
+``--job-server-jar``, else ``$QIS_FLINK_JOB_SERVER_JAR``, the profile or ``qis-beam stack
+fetch``'s cache), or on Prism (``--runner prism``) -- and ``qis-beam serve`` on that database.
+At the end the launcher (with the job server it started) is stopped by its PID and any job it
+left on the cluster is cancelled over Flink's REST API. Signed packets for ``--problems`` fresh
 addresses (a random context value per run, so every count starts at 0) are published at
 ``--rate`` packets/s to a ``--partitions`` topic, keyed by address (an address's packets stay
 in order).
@@ -127,9 +133,31 @@ def delays(published: dict[str, list[float]], seen: dict[str, list[tuple[int, fl
     return out
 
 
-def start_job(args, bootstrap, topic, store_url, work: Path, registry: Path):
+def runner_args(args, flink_master: str | None) -> list[str]:
+    """Beam arguments of the job: Flink (local-flink profile) or Prism."""
+    if args.runner == "flink":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_flink import job_server_jar
+
+        return [
+            "--profile",
+            "local-flink",
+            f"--flink_master={flink_master}",
+            f"--flink_job_server_jar={job_server_jar(args.job_server_jar)}",
+            f"--parallelism={args.parallelism}",
+        ]
     from qis_beam import stack
 
+    return [
+        "--runner",
+        "PrismRunner",
+        f"--prism_location={stack.prism_path()}",
+        # apache/beam#35771 (see the local-prism profile): never split a stateful bundle.
+        "--experiments=prism_disable_sdf_split",
+    ]
+
+
+def start_job(args, bootstrap, topic, store_url, work: Path, registry: Path, beam: list[str]):
     command = [
         sys.executable,
         "-m",
@@ -155,12 +183,8 @@ def start_job(args, bootstrap, topic, store_url, work: Path, registry: Path):
         args.emit_every,
         "--kafka-watermark-delay",
         args.watermark_delay,
-        "--runner",
-        "PrismRunner",
-        f"--prism_location={stack.prism_path()}",
-        # apache/beam#35771 (see the local-prism profile): never split a stateful bundle.
-        "--experiments=prism_disable_sdf_split",
         "--wait",
+        *beam,
     ]
     log = open(work / "run.log", "w")  # noqa: SIM115 - closed by the caller
     process = subprocess.Popen(
@@ -170,7 +194,8 @@ def start_job(args, bootstrap, topic, store_url, work: Path, registry: Path):
 
 
 def stop_job(process: subprocess.Popen) -> None:
-    """The job and the Prism process it started share a process group: stop it by PID."""
+    """The launcher and what it started (Prism, the Flink job server) share a process group:
+    stop it by PID."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -182,6 +207,11 @@ def stop_job(process: subprocess.Popen) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--runner", choices=("flink", "prism"), default="flink", help="where `run` runs"
+    )
+    parser.add_argument("--parallelism", type=int, default=2, help="Flink parallelism")
+    parser.add_argument("--job-server-jar", help="Flink job-server jar (default: env/profile)")
     parser.add_argument("--rate", type=float, default=50.0, help="packets/s")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of publishing")
     parser.add_argument("--problems", type=int, default=8, help="addresses")
@@ -214,9 +244,20 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="qis-fresh-"))
     state = work / "stack"
-    started = stack.up(state, only=["kafka", "postgres"], tie_to_caller=True)
-    job = log = running = store = None
+    pieces = ["kafka", "postgres"] + (["flink"] if args.runner == "flink" else [])
+    job = log = running = store = flink_rest = None
+    load_before = os.getloadavg()[0]
+    t_start = time.monotonic()
     try:
+        started = stack.up(state, only=pieces, tie_to_caller=True)
+        if args.runner == "flink":
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from bench_flink import FlinkRest
+
+            flink_rest = FlinkRest(started["flink"].piece.endpoints["rest"])
+        beam = runner_args(
+            args, started["flink"].piece.endpoints["flink_master"] if flink_rest else None
+        )
         bootstrap = started["kafka"].piece.endpoints["bootstrap"]
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from pg_local import fresh_database
@@ -226,7 +267,7 @@ def main() -> int:
         create_topic(bootstrap, topic, partitions=args.partitions)
         registry = work / "nodes.txt"
         packets = Packets(args.problems + 1, args.nodes, registry)  # the last one: warm-up
-        job, log = start_job(args, bootstrap, topic, store_url, work, registry)
+        job, log = start_job(args, bootstrap, topic, store_url, work, registry, beam)
         store = open_store(store_url)
         running = start_server(store, ServeConfig(port=0))
         target = f"127.0.0.1:{running.port}"
@@ -283,6 +324,10 @@ def main() -> int:
         first_sent = min(t for times in published.values() for t in times)
         last_counted = max((seen[-1][1] for seen in poller.seen.values() if seen), default=None)
         result = {
+            "runner": args.runner,
+            "load1_before": round(load_before, 2),
+            "load1_after": round(os.getloadavg()[0], 2),
+            "whole_run_s": round(time.monotonic() - t_start, 1),
             "rate_target": args.rate,
             "published": sent,
             "publish_rate": sent / publish_s,
@@ -312,6 +357,10 @@ def main() -> int:
                 f"p50 {result['p50_s']:.2f} s  p99 {result['p99_s']:.2f} s  "
                 f"max {result['max_s']:.2f} s"
             )
+        print(
+            f"runner {args.runner}; load {result['load1_before']:.1f} -> "
+            f"{result['load1_after']:.1f}; whole run {result['whole_run_s']:.0f}s"
+        )
         print(json.dumps(result))
     finally:
         if running is not None:
@@ -321,6 +370,8 @@ def main() -> int:
         if job is not None:
             stop_job(job)
             log.close()
+        if flink_rest is not None:  # the job outlives its launcher on a session cluster
+            flink_rest.cancel_running(set())
         stack.down(state, purge=True)
         if args.keep:
             print(f"kept {work} (run.log, stream outputs)")
