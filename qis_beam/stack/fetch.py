@@ -120,6 +120,19 @@ def fetch_flink(cache: Path | None = None) -> Fetched:
 # --- Kafka --------------------------------------------------------------------------------
 
 
+def check_locked(label: str, jars: list[Path], lock: dict[str, str], section: str) -> None:
+    """``jars`` are exactly the jars of the lock ``[section.jars]``, each with its digest."""
+    got = {p.name for p in jars}
+    if got != set(lock):
+        extra, missing = sorted(got - set(lock)), sorted(set(lock) - got)
+        raise FetchError(
+            f"{label}: resolved jars differ from the lock in pins.toml (unexpected {extra}, "
+            f"missing {missing}); regenerate with `python -m qis_beam.stack.lock {section}`"
+        )
+    for jar in jars:
+        verify(jar, lock[jar.name])
+
+
 def kafka_home(cache: Path | None = None) -> Path:
     return (cache or cache_dir()) / f"kafka-{pins()['kafka']['version']}"
 
@@ -148,16 +161,7 @@ def fetch_kafka(cache: Path | None = None) -> Fetched:
                 f"resolving Kafka {spec['version']} jars with Maven...", file=sys.stderr, flush=True
             )
         jars = resolve_jars("Kafka", spec["dependencies"], tmp / "lib")
-        got = {p.name for p in jars}
-        if got != set(lock):
-            extra, missing = sorted(got - set(lock)), sorted(set(lock) - got)
-            raise FetchError(
-                f"Kafka {spec['version']}: resolved jars differ from the lock in pins.toml "
-                f"(unexpected {extra}, missing {missing}); regenerate with "
-                "`python -m qis_beam.stack.lock`"
-            )
-        for jar in jars:
-            verify(jar, lock[jar.name])
+        check_locked(f"Kafka {spec['version']}", jars, lock, "kafka")
         _write_marker(tmp, lock)
         os.replace(tmp, home)
     except BaseException:

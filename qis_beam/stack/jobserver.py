@@ -24,7 +24,7 @@ from pathlib import Path
 
 from qis_beam.stack.digests import sha256_of, verify
 from qis_beam.stack.download import show_progress
-from qis_beam.stack.fetch import Fetched, FetchError
+from qis_beam.stack.fetch import Fetched, check_locked
 from qis_beam.stack.maven import resolve_and_shade
 from qis_beam.stack.paths import cache_dir
 from qis_beam.stack.pins import pins
@@ -94,16 +94,7 @@ def fetch_job_server(cache: Path | None = None) -> Fetched:
             tmp / "lib",
             built,
         )
-        got = {p.name for p in jars}
-        if got != set(lock):
-            extra, missing = sorted(got - set(lock)), sorted(set(lock) - got)
-            raise FetchError(
-                f"Flink job server {spec['version']}: resolved jars differ from the lock in "
-                f"pins.toml (unexpected {extra}, missing {missing}); regenerate with "
-                "`python -m qis_beam.stack.lock flink_job_server`"
-            )
-        for path in jars:
-            verify(path, lock[path.name])
+        check_locked(f"Flink job server {spec['version']}", jars, lock, NAME)
         shutil.rmtree(tmp / "lib")  # shaded into the jar; the lock proved what went in
         content = {"built_from": _expected(lock), "sha256": sha256_of(built)}
         (tmp / MARKER).write_text(json.dumps(content, sort_keys=True))
