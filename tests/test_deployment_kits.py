@@ -8,12 +8,12 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import kafka_helpers
 import pytest
 import yaml
 from beam_options import beam_parser
@@ -250,16 +250,6 @@ def job_server_jar(request) -> str:
         return jar
 
 
-def _stop_group(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 def run_sum_pipeline(args: list[str], log: Path, timeout: float = 600) -> None:
     with open(log, "w") as out:
         process = subprocess.Popen(
@@ -271,7 +261,7 @@ def run_sum_pipeline(args: list[str], log: Path, timeout: float = 600) -> None:
     try:
         process.wait(timeout)
     finally:
-        _stop_group(process)
+        kafka_helpers.stop(process)  # the launcher's process group, by PID
     assert process.returncode == 0, log.read_text()[-3000:]
 
 
@@ -326,4 +316,4 @@ def test_flink_cluster_with_the_flink_profile(request, flink_stack, tmp_path):
             tmp_path / "pipeline.log",
         )
     finally:
-        _stop_group(pool)
+        kafka_helpers.stop(pool)
