@@ -275,7 +275,7 @@ def profile_options(name: str, streaming: bool) -> dict[str, object]:
     if streaming and name in BOUNDED_ONLY:
         raise ValueError(f"profile {name!r} cannot run a streaming pipeline: {BOUNDED_ONLY[name]}")
     extra = STREAMING_OPTIONS if streaming else BATCH_OPTIONS
-    return {**PROFILES[name], **extra.get(name, {}), **_local_stack_options(name)}
+    return {**PROFILES[name], **extra.get(name, {}), **_local_stack_options(name, streaming)}
 
 
 def _stack_endpoint(piece: str, key: str) -> str | None:
@@ -297,13 +297,16 @@ def _fetched_job_server_jar() -> str | None:
     return str(jar) if jar else None
 
 
-def _local_stack_options(name: str) -> dict[str, object]:
+def _local_stack_options(name: str, streaming: bool) -> dict[str, object]:
     """Options the ``local-*`` profiles read from the machine when they are resolved."""
     options: dict[str, object] = {}
     if name == "local-flink":
         master = _stack_endpoint("flink", "flink_master")
         if master:
             options["flink_master"] = master
+        pool = None if streaming else _stack_endpoint("flink", "sdk_worker_pool")
+        if pool:
+            options.update(pool_options(pool))
         jar = os.environ.get("QIS_FLINK_JOB_SERVER_JAR") or _fetched_job_server_jar()
         if jar:
             options["flink_job_server_jar"] = jar
@@ -312,6 +315,25 @@ def _local_stack_options(name: str) -> dict[str, object]:
         if job_endpoint:
             options["job_endpoint"] = job_endpoint
     return options
+
+
+def pool_options(pool: str) -> dict[str, object]:
+    """Batch jobs on the stack's cluster run their Python in its SDK worker pool, one worker
+    process per slot, so a job at parallelism 2 uses both cores (LOOPBACK runs every bundle in
+    the submitting process, on one core). Streaming jobs stay on LOOPBACK: with per-packet
+    keyed state they ran 2-3x faster in one process than across the pool's workers."""
+    from qis_beam.stack.flink import SLOTS_PER_TASKMANAGER
+
+    return {
+        "environment_type": "EXTERNAL",
+        "environment_config": pool,
+        "sdk_worker_parallelism": SLOTS_PER_TASKMANAGER,
+    }
+
+
+def pool_args(pool: str) -> list[str]:
+    """:func:`pool_options` as ``--flag=value`` arguments."""
+    return _format(pool_options(pool))
 
 
 def _format(options: Mapping[str, object]) -> list[str]:

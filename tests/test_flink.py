@@ -1,5 +1,6 @@
 """qis-beam on Flink 1.19: Beam's Flink job server (``--profile local-flink``) against the
-stack's Flink session cluster (the ``flink_stack`` fixture), LOOPBACK SDK harness.
+stack's Flink session cluster (the ``flink_stack`` fixture); the backfill's Python runs in the
+stack's SDK worker pool, the streaming jobs' in the LOOPBACK harness.
 
 * A backfill on Flink (parallelism 2) equals a FnApiRunner backfill of the same files:
   synthesis, dead letters (per record), summary tallies.
@@ -32,6 +33,7 @@ import pytest
 from brute_force import assert_close, assert_same_syntheses, by_key
 
 from qis_beam.cli import main
+from qis_beam.runners.profiles import pool_args
 
 
 def job_server_jar(request) -> str:
@@ -216,9 +218,12 @@ def test_backfill_on_flink_equals_the_fnapi_runner_backfill(request, flink_stack
     fnapi, flink = tmp_path / "fnapi", tmp_path / "flink"
     assert main([*common, "--output", str(fnapi), "--runner", "FnApiRunner"]) == 0
     rest = FlinkRest(flink_stack[1].endpoints["rest"])
+    # Python runs in the stack's SDK worker pool, two worker processes, as `local-flink` does
+    # for batch (tests name the cluster explicitly; the profile reads the user's stack).
+    pool = pool_args(flink_stack[1].endpoints["sdk_worker_pool"])
     try:
         code, log = run_cli(
-            [*common, "--output", str(flink), *flink_args(request, flink_stack)],
+            [*common, "--output", str(flink), *flink_args(request, flink_stack), *pool],
             tmp_path / "flink.log",
             timeout=600,
         )
@@ -284,9 +289,7 @@ def flink_kafka_run(request, flink_stack, kafka_bootstrap, postgres_url, tmp_pat
         if expected.store_differences(store_url) or expected.file_differences(stream):
             return False
         ends.update(kafka_helpers.end_offsets(kafka_bootstrap, scenario.topic, partitions))
-        group = kafka_helpers.committed(
-            kafka_bootstrap, scenario.topic, scenario.group, partitions
-        )
+        group = kafka_helpers.committed(kafka_bootstrap, scenario.topic, scenario.group, partitions)
         return group == ends
 
     run = kafka_helpers.two_phase_run(

@@ -21,7 +21,11 @@ from pathlib import Path
 
 import apache_beam as beam
 import pytest
-from apache_beam.options.pipeline_options import FlinkRunnerOptions, PipelineOptions
+from apache_beam.options.pipeline_options import (
+    FlinkRunnerOptions,
+    PipelineOptions,
+    PortableOptions,
+)
 
 from qis_beam import stack
 from qis_beam.runners.profiles import LOCAL_FLINK_VERSION, missing_options, profile_args
@@ -393,7 +397,8 @@ def test_stack_up_status_and_down_stops_exactly_its_processes(tmp_path, monkeypa
         rows = json.loads(status.stdout)["pieces"]
         assert set(rows) == {"kafka", "pubsub", "postgres", "flink"}
         assert all(row["alive"] for row in rows.values())
-        assert [p["role"] for p in rows["flink"]["procs"]] == ["jobmanager", "taskmanager-1"]
+        roles = [p["role"] for p in rows["flink"]["procs"]]
+        assert roles == ["jobmanager", "sdk-worker-pool", "taskmanager-1"]
 
         kafka_round_trip(rows["kafka"]["endpoints"]["bootstrap"])
         pubsub_round_trip(rows["pubsub"]["endpoints"]["host"])
@@ -407,9 +412,15 @@ def test_stack_up_status_and_down_stops_exactly_its_processes(tmp_path, monkeypa
         monkeypatch.setenv("QIS_STACK_DIR", str(state))
         flink_args = PipelineOptions(profile_args("local-flink", streaming=True))
         assert flink_args.view_as(FlinkRunnerOptions).flink_master == rest.removeprefix("http://")
+        # Streaming stays on LOOPBACK; batch runs its Python in the stack's worker pool.
+        assert flink_args.view_as(PortableOptions).environment_type == "LOOPBACK"
+        batch = PipelineOptions(profile_args("local-flink", streaming=False))
+        pool = rows["flink"]["endpoints"]["sdk_worker_pool"]
+        assert batch.view_as(PortableOptions).environment_type == "EXTERNAL"
+        assert batch.view_as(PortableOptions).environment_config == pool
 
         # Recovery drill: kill -9 the TaskManager, start a new one, the cluster has 2 slots again.
-        old_tm = rows["flink"]["procs"][1]["pid"]
+        old_tm = rows["flink"]["procs"][2]["pid"]
         os.kill(old_tm, signal.SIGKILL)
         new_tm = stack.add_taskmanager(state)
         assert gone(old_tm) and new_tm.role == "taskmanager-2"

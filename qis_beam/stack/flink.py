@@ -1,4 +1,5 @@
-"""Flink session cluster: one JobManager and TaskManagers with 2 slots each, via Flink's scripts.
+"""Flink session cluster: one JobManager and TaskManagers with 2 slots each, via Flink's scripts,
+and the Python SDK worker pool beside them (:mod:`qis_beam.stack.worker_pool`).
 
 The scripts (``bin/jobmanager.sh`` / ``bin/taskmanager.sh start-foreground``) compute the
 memory settings and add the Java 17 ``--add-opens`` flags from ``conf/config.yaml``; they
@@ -11,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import urllib.request
 from pathlib import Path
 
 import yaml
 
 from qis_beam.stack.fetch import fetch_flink, require_tool
+from qis_beam.stack.ports import port_open
 from qis_beam.stack.procs import spawn
 from qis_beam.stack.state import Piece, Proc
 
@@ -52,9 +55,17 @@ def flink_config(state: Path, rest_port: int, rpc_port: int, shipped: dict) -> d
             "parallelism.default": 1,
             # Modest memory: the machine is shared with Kafka, the emulator and tests.
             "jobmanager.memory.process.size": "1024m",
-            "taskmanager.memory.process.size": "1536m",
+            "taskmanager.memory.process.size": "2048m",
+            # Batch: Flink's sort shuffle reserves min-buffers per result partition and a
+            # batch job deploys several tasks at once; the default 512 of ~100 MB of network
+            # memory failed backfills ("Insufficient number of network buffers").
+            "taskmanager.memory.network.min": "256m",
+            "taskmanager.memory.network.max": "256m",
+            "taskmanager.network.sort-shuffle.min-buffers": 128,
+            # Streaming: per-packet keys (dedupe, too-late marks) live until their TTL; on the
+            # heap they exhausted the TaskManager after ~77k packets. RocksDB keeps them on disk.
+            "state.backend.type": "rocksdb",
             # Checkpoints and savepoints on local disk, kept on cancel, for restores by hand.
-            "state.backend.type": "hashmap",
             "state.checkpoints.dir": (state / "checkpoints").as_uri(),
             "state.savepoints.dir": (state / "savepoints").as_uri(),
             "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
@@ -113,6 +124,15 @@ def launch(state_dir: Path, ports: dict[str, int]) -> Piece:
         log=jobmanager.log,
         data={"home": str(home), "state": str(state), "taskmanagers": "1"},
     )
+    piece.procs.append(
+        spawn(
+            "sdk-worker-pool",
+            [sys.executable, "-m", "qis_beam.stack.worker_pool", "--port", str(ports["pool"])],
+            state / "sdk-worker-pool.log",
+            cwd=state,
+        )
+    )
+    piece.endpoints["sdk_worker_pool"] = f"127.0.0.1:{ports['pool']}"
     piece.procs.append(start_taskmanager(piece, 1))
     return piece
 
@@ -143,13 +163,16 @@ def registered_taskmanagers(rest_url: str) -> dict[str, int]:
 
 
 def healthy(piece: Piece) -> bool:
-    """REST answers and every TaskManager of the piece registered, by its resource id, with
-    its 2 slots. (Counting is not enough: right after a ``kill -9`` the JobManager still
-    lists the dead TaskManager, so the count matches before the replacement registers.)"""
+    """The SDK worker pool listens, REST answers and every TaskManager of the piece
+    registered, by its resource id, with its 2 slots. (Counting is not enough: right after a
+    ``kill -9`` the JobManager still lists the dead TaskManager, so the count matches before
+    the replacement registers.)"""
     taskmanagers = [p for p in piece.procs if p.role.startswith("taskmanager")]
     expected = {f"qis-tm-{p.role.rsplit('-', 1)[1]}" for p in taskmanagers}
     registered = registered_taskmanagers(piece.endpoints["rest"])
-    return all(registered.get(tm) == SLOTS_PER_TASKMANAGER for tm in expected)
+    pool = piece.endpoints.get("sdk_worker_pool")
+    pool_up = pool is None or port_open(int(pool.rsplit(":", 1)[1]))
+    return pool_up and all(registered.get(tm) == SLOTS_PER_TASKMANAGER for tm in expected)
 
 
-PORTS = ("rest", "rpc")
+PORTS = ("rest", "rpc", "pool")
