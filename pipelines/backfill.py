@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from qis_beam.dedupe import parts_for, shards_for
 from qis_beam.positions import estimated_records, range_records_for
@@ -34,6 +35,21 @@ def input_records(input_pattern: str) -> int:
     return estimated_records(sum(m.size_in_bytes for m in matched))
 
 
+# Runners that run the pipeline in this process (see qis_beam.dedupe.parts_for).
+IN_PROCESS_RUNNERS = frozenset(
+    {"DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner"}
+)
+
+
+def shuffle_parts(options: PipelineOptions, records: int) -> int:
+    """Independent dedupe shuffles: several on an in-process runner, which holds a shuffle's
+    whole input in memory; one elsewhere. On Flink the parts ran as concurrent tasks feeding
+    one SDK worker's data channel, and a 4M-packet backfill with 8 of them deadlocked."""
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
+    return parts_for(records) if (name or "DirectRunner") in IN_PROCESS_RUNNERS else 1
+
+
 def build_backfill(
     pipeline: beam.Pipeline,
     input_pattern: str,
@@ -45,7 +61,9 @@ def build_backfill(
     batch = range_records_for(records, settings.read_batch_size)
     read = pipeline | "ReadPacketLogs" >> ReadRecordBatches(input_pattern, batch)
     ranges, ingest_dead = read.batches | "Ingest" >> IngestBatches(
-        settings.validation, shards_for(records, settings.dedupe_shards), parts_for(records)
+        settings.validation,
+        shards_for(records, settings.dedupe_shards),
+        shuffle_parts(pipeline.options, records),
     )
     windowed, all_time = ranges | "FoldPackets" >> FoldRanges(settings.windows)
     windowed = windowed | "SynthesizeWindows" >> MergeWindowPartials(
