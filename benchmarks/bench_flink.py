@@ -12,13 +12,12 @@ SDK worker pool, the ``qis-beam`` launchers and the job servers they start), by 
 an error or Ctrl-C.
 
 Where Python runs (``--environment``): ``external`` (the default of ``backfill``) is an SDK
-worker pool beside the TaskManager (``--environment_type=EXTERNAL``, as the ``flink`` profile
-does), with ``--sdk_worker_parallelism`` = the parallelism, so parallelism 2 gets two SDK worker
-*processes* and can use both cores; ``loopback`` (the ``local-flink`` profile's default, and
-the default of ``stream``, where it was 2-3x faster) runs every bundle in the submitting
-process, one GIL, whatever the parallelism. The pool here is Beam's ``worker_pool_main``
-servicer started with a 100 MB state cache (``worker_pool_main``'s command line gives its
-workers none) and this interpreter first on PATH (its workers are started as ``python``).
+worker pool beside the TaskManager, the stack's own (:mod:`qis_beam.stack.worker_pool`, as the
+``local-flink`` profile uses for batch: ``--environment_type=EXTERNAL``,
+``--sdk_worker_parallelism=2``), so parallelism 2 gets two SDK worker *processes* and can use
+both cores; ``loopback`` (the ``local-flink`` profile's streaming default, and the default of
+``stream``, where it was 2-3x faster) runs every bundle in the submitting process, one GIL,
+whatever the parallelism.
 
 backfill: ``qis-beam backfill --profile local-flink`` over ``--packets`` unsigned packets
 (1000 zipf-skewed addresses, the log of benchmarks/bench_backfill.py, reused from its work
@@ -46,13 +45,8 @@ with ``--shutdown_sources_after_idle_ms=N`` instead, which loses data: the idle 
 Impulse source's, so after N ms the final watermark passes while the reader still defers its
 remainder (a 20k run read 5,000 records).
 
-Flink configuration: ``--flink-conf KEY=VALUE`` (repeatable) is added to the stack's Flink
-configuration for this run. The default raises the TaskManager's network memory to 256 MB and
-lowers ``taskmanager.network.sort-shuffle.min-buffers`` to 128: with the stack's own settings
-(≈110 MB, 3481 buffers) a backfill fails with "Insufficient number of network buffers:
-required 512, but only 407 available" (every blocking result partition of Flink's batch
-sort-shuffle reserves 512 buffers and the backfill deploys many tasks at once).
-``--flink-conf none`` keeps the stack's configuration.
+Flink configuration: the stack's (:func:`qis_beam.stack.flink.flink_config`: RocksDB state,
+256 MB of network memory); ``--flink-conf KEY=VALUE`` (repeatable) adds to it for this run.
 """
 
 from __future__ import annotations
@@ -72,11 +66,7 @@ from pathlib import Path
 
 HOUR_MS = 3_600_000
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_FLINK_CONF = (
-    "taskmanager.memory.network.min=256m",
-    "taskmanager.memory.network.max=256m",
-    "taskmanager.network.sort-shuffle.min-buffers=128",
-)
+DEFAULT_FLINK_CONF: tuple[str, ...] = ()
 
 # --- machine figures ---------------------------------------------------------------------
 
@@ -244,45 +234,12 @@ def stop_group(process: subprocess.Popen, grace: float = 20.0) -> None:
         return
 
 
-POOL_CODE = """
-import logging, sys
-from apache_beam.runners.worker.worker_pool_main import BeamFnExternalWorkerPoolServicer
-logging.basicConfig(level=logging.INFO)
-address, server = BeamFnExternalWorkerPoolServicer.start(
-    use_process=True, port=int(sys.argv[1]), state_cache_size=int(sys.argv[2]),
-    data_buffer_time_limit_ms=-1)
-print("worker pool at", address, flush=True)
-server.wait_for_termination()
-"""
-
-
-@contextlib.contextmanager
-def worker_pool(work: Path, state_cache_mb: int = 100):
-    """An SDK worker pool (its own session, stopped by its PID with the workers it forked);
-    yields ``(port, pid)``."""
-    from qis_beam.stack.ports import free_port, port_open
-
-    port = free_port()
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    log = open(work / f"worker-pool-{port}.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        [sys.executable, "-c", POOL_CODE, str(port), str(state_cache_mb << 20)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not port_open(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the SDK worker pool did not start: {log.name}")
-            time.sleep(0.2)
-        yield port, process.pid
-    finally:
-        stop_group(process)
-        log.close()
+def sdk_pool(piece, environment: str) -> tuple[str, int] | None:
+    """(endpoint, PID) of the stack's SDK worker pool for ``--environment external``."""
+    if environment != "external":
+        return None
+    proc = next(p for p in piece.procs if p.role == "sdk-worker-pool")
+    return piece.endpoints["sdk_worker_pool"], proc.pid
 
 
 @contextlib.contextmanager
@@ -357,7 +314,7 @@ EXTRA_BEAM_ARGS: list[str] = []  # --beam-arg
 END = ["cancel"]  # --end: how a quiet stream job ends (cancel, savepoint, drain)
 
 
-def flink_args(master: str, jar: str, parallelism: int, pool_port: int | None) -> list[str]:
+def flink_args(master: str, jar: str, parallelism: int, pool: str | None) -> list[str]:
     args = [
         "--profile",
         "local-flink",
@@ -365,10 +322,10 @@ def flink_args(master: str, jar: str, parallelism: int, pool_port: int | None) -
         f"--flink_job_server_jar={jar}",
         f"--parallelism={parallelism}",
     ]
-    if pool_port is not None:
+    if pool is not None:
         args += [
             "--environment_type=EXTERNAL",
-            f"--environment_config=127.0.0.1:{pool_port}",
+            f"--environment_config={pool}",
             f"--sdk_worker_parallelism={parallelism}",
         ]
     return args + EXTRA_BEAM_ARGS
@@ -651,44 +608,42 @@ def bench_backfill(args) -> dict:
             piece = started["flink"].piece
             rest = FlinkRest(piece.endpoints["rest"])
             tm = next((p.pid for p in piece.procs if p.role.startswith("taskmanager")), None)
-            with (
-                worker_pool(work) if args.environment == "external" else contextlib.nullcontext()
-            ) as pool:
-                pids = {"taskmanager": tm}
-                if pool:
-                    pids["sdk_workers"] = pool[1]
-                for p in parallelisms:
-                    beam = flink_args(
-                        piece.endpoints["flink_master"], jar, p, pool[0] if pool else None
+            pool = sdk_pool(piece, args.environment)
+            pids = {"taskmanager": tm}
+            if pool:
+                pids["sdk_workers"] = pool[1]
+            for p in parallelisms:
+                beam = flink_args(
+                    piece.endpoints["flink_master"], jar, p, pool[0] if pool else None
+                )
+                if base_pattern:
+                    out = work / f"flink-p{p}-baseline"
+                    r = launch(
+                        [*common, "--input", base_pattern, "--output", str(out), *beam],
+                        work,
+                        f"flink-p{p}-baseline",
+                        args.timeout,
+                        rest,
+                        pids,
                     )
-                    if base_pattern:
-                        out = work / f"flink-p{p}-baseline"
-                        r = launch(
-                            [*common, "--input", base_pattern, "--output", str(out), *beam],
-                            work,
-                            f"flink-p{p}-baseline",
-                            args.timeout,
-                            rest,
-                            pids,
-                        )
-                        r["counts"] = summary_counts(out)
-                        r["parallelism"], r["baseline"] = p, True
-                        n0 = r["counts"].get("records_in") or args.baseline_packets
-                        record(r, f"Flink p{p} baseline ({n0})", n0)
-                    for run in range(args.runs):
-                        out = work / f"flink-p{p}-{run}"
-                        r = launch(
-                            [*common, "--input", pattern, "--output", str(out), *beam],
-                            work,
-                            f"flink-p{p}-{run}",
-                            args.timeout,
-                            rest,
-                            pids,
-                        )
-                        r["counts"] = summary_counts(out)
-                        r["parallelism"] = p
-                        records = r["counts"].get("records_in") or records
-                        record(r, f"Flink p{p} #{run + 1}", records or args.packets)
+                    r["counts"] = summary_counts(out)
+                    r["parallelism"], r["baseline"] = p, True
+                    n0 = r["counts"].get("records_in") or args.baseline_packets
+                    record(r, f"Flink p{p} baseline ({n0})", n0)
+                for run in range(args.runs):
+                    out = work / f"flink-p{p}-{run}"
+                    r = launch(
+                        [*common, "--input", pattern, "--output", str(out), *beam],
+                        work,
+                        f"flink-p{p}-{run}",
+                        args.timeout,
+                        rest,
+                        pids,
+                    )
+                    r["counts"] = summary_counts(out)
+                    r["parallelism"] = p
+                    records = r["counts"].get("records_in") or records
+                    record(r, f"Flink p{p} #{run + 1}", records or args.packets)
     finally:
         if not args.keep:
             import shutil
@@ -822,56 +777,52 @@ def bench_stream(args) -> dict:
             piece = started["flink"].piece
             rest = FlinkRest(piece.endpoints["rest"])
             tm = next((p.pid for p in piece.procs if p.role.startswith("taskmanager")), None)
-            with (
-                worker_pool(work) if args.environment == "external" else contextlib.nullcontext()
-            ) as pool:
-                pids = {"taskmanager": tm}
-                if pool:
-                    pids["sdk_workers"] = pool[1]
-                for size in sizes:
-                    t0 = time.perf_counter()
-                    records = stream_records(work / f"swarm-{size}", size, args.seed)
-                    topic = f"bench-{size}-{int(time.time())}"
-                    create_topic(bootstrap, topic, partitions=args.partitions)
-                    rate = publish(bootstrap, topic, records)
-                    print(
-                        f"  {size}: {len(records)} records simulated and published in "
-                        f"{time.perf_counter() - t0:.0f}s ({rate:,.0f}/s to Kafka)",
-                        flush=True,
-                    )
-                    for p in parallelisms:
-                        for run in range(args.runs):
-                            name = f"stream-{size}-p{p}-{run}"
-                            argv = [
-                                *["run", "--source", "kafka", "--input-topic", topic],
-                                *["--bootstrap-servers", bootstrap],
-                                *["--output", str(work / name), "--allow-unsigned"],
-                                *["--flush-every", "30s", "--wait"],
-                                *flink_args(
-                                    piece.endpoints["flink_master"],
-                                    jar,
-                                    p,
-                                    pool[0] if pool else None,
-                                ),
-                            ]
-                            if args.stop_when_idle:
-                                argv += ["--kafka-stop-when-idle", args.stop_when_idle]
-                            if args.shutdown_idle_ms:
-                                argv.append(
-                                    f"--shutdown_sources_after_idle_ms={args.shutdown_idle_ms}"
-                                )
-                            r = launch(
-                                argv,
-                                work,
-                                name,
-                                args.timeout,
-                                rest,
-                                pids,
-                                drain_quiet_s=None if args.shutdown_idle_ms else args.drain_quiet,
-                            )
-                            r.update(size=size, records=len(records), parallelism=p)
-                            report["runs"].append(r)
-                            print_stream(r)
+            pool = sdk_pool(piece, args.environment)
+            pids = {"taskmanager": tm}
+            if pool:
+                pids["sdk_workers"] = pool[1]
+            for size in sizes:
+                t0 = time.perf_counter()
+                records = stream_records(work / f"swarm-{size}", size, args.seed)
+                topic = f"bench-{size}-{int(time.time())}"
+                create_topic(bootstrap, topic, partitions=args.partitions)
+                rate = publish(bootstrap, topic, records)
+                print(
+                    f"  {size}: {len(records)} records simulated and published in "
+                    f"{time.perf_counter() - t0:.0f}s ({rate:,.0f}/s to Kafka)",
+                    flush=True,
+                )
+                for p in parallelisms:
+                    for run in range(args.runs):
+                        name = f"stream-{size}-p{p}-{run}"
+                        argv = [
+                            *["run", "--source", "kafka", "--input-topic", topic],
+                            *["--bootstrap-servers", bootstrap],
+                            *["--output", str(work / name), "--allow-unsigned"],
+                            *["--flush-every", "30s", "--wait"],
+                            *flink_args(
+                                piece.endpoints["flink_master"],
+                                jar,
+                                p,
+                                pool[0] if pool else None,
+                            ),
+                        ]
+                        if args.stop_when_idle:
+                            argv += ["--kafka-stop-when-idle", args.stop_when_idle]
+                        if args.shutdown_idle_ms:
+                            argv.append(f"--shutdown_sources_after_idle_ms={args.shutdown_idle_ms}")
+                        r = launch(
+                            argv,
+                            work,
+                            name,
+                            args.timeout,
+                            rest,
+                            pids,
+                            drain_quiet_s=None if args.shutdown_idle_ms else args.drain_quiet,
+                        )
+                        r.update(size=size, records=len(records), parallelism=p)
+                        report["runs"].append(r)
+                        print_stream(r)
     finally:
         if not args.keep:
             import shutil
