@@ -418,8 +418,9 @@ class Expected:
         return differences
 
     def file_differences(self, stream: Path) -> list[str]:
-        """Files are at-least-once: every window needs a pane equal to the backfill's, and
-        the dead letters must be the backfill's (repeats allowed)."""
+        """Files are at-least-once: every window and every address's all-time synthesis
+        needs a pane equal to the backfill's, and the dead letters must be the backfill's
+        (repeats allowed). (The files roll every --flush-every: they may lag the store.)"""
         from qis_beam.transforms.outputs import read_json_lines
 
         panes = collections.defaultdict(list)
@@ -430,6 +431,11 @@ class Expected:
             for address, by_start in self.windows.items()
             for start, want in by_start.items()
             if not any(matches(p, without(want, "pane")) for p in panes[(address, start)])
+        ]
+        differences += [
+            f"{address} all-time file"
+            for address, want in self.all_time.items()
+            if not any(matches(p, without(want, "pane")) for p in panes[(address, None)])
         ]
         dead = {
             (d["reason"], d["record_b64"]) for d in read_json_lines(str(stream), "dead_letters")

@@ -218,12 +218,13 @@ def cmd_env(args) -> int:
         ("kafka", "bootstrap"): "QIS_KAFKA_BOOTSTRAP",
         ("postgres", "url"): "QIS_POSTGRES_URL",
         ("flink", "flink_master"): "QIS_FLINK_MASTER",
+        ("flink", "sdk_worker_pool"): "QIS_SDK_WORKER_POOL",
         ("prism", "job_endpoint"): "QIS_PRISM_JOB_ENDPOINT",
     }
     pieces = status(_state_dir(args))
     for (name, key), var in exports.items():
         piece = pieces.get(name)
-        if piece is not None and running(piece):
+        if piece is not None and running(piece) and key in piece.endpoints:
             print(f"export {var}={piece.endpoints[key]}")
     return 0
 
