@@ -612,36 +612,23 @@ def bench_backfill(args) -> dict:
             pids = {"taskmanager": tm}
             if pool:
                 pids["sdk_workers"] = pool[1]
+
+            def flink_run(p: int, name: str, input_pattern: str) -> dict:
+                out = work / name
+                beam = flink_args(piece.endpoints["flink_master"], jar, p, pool and pool[0])
+                argv = [*common, "--input", input_pattern, "--output", str(out), *beam]
+                r = launch(argv, work, name, args.timeout, rest, pids)
+                r["counts"], r["parallelism"] = summary_counts(out), p
+                return r
+
             for p in parallelisms:
-                beam = flink_args(
-                    piece.endpoints["flink_master"], jar, p, pool[0] if pool else None
-                )
                 if base_pattern:
-                    out = work / f"flink-p{p}-baseline"
-                    r = launch(
-                        [*common, "--input", base_pattern, "--output", str(out), *beam],
-                        work,
-                        f"flink-p{p}-baseline",
-                        args.timeout,
-                        rest,
-                        pids,
-                    )
-                    r["counts"] = summary_counts(out)
-                    r["parallelism"], r["baseline"] = p, True
+                    r = flink_run(p, f"flink-p{p}-baseline", base_pattern)
+                    r["baseline"] = True
                     n0 = r["counts"].get("records_in") or args.baseline_packets
                     record(r, f"Flink p{p} baseline ({n0})", n0)
                 for run in range(args.runs):
-                    out = work / f"flink-p{p}-{run}"
-                    r = launch(
-                        [*common, "--input", pattern, "--output", str(out), *beam],
-                        work,
-                        f"flink-p{p}-{run}",
-                        args.timeout,
-                        rest,
-                        pids,
-                    )
-                    r["counts"] = summary_counts(out)
-                    r["parallelism"] = p
+                    r = flink_run(p, f"flink-p{p}-{run}", pattern)
                     records = r["counts"].get("records_in") or records
                     record(r, f"Flink p{p} #{run + 1}", records or args.packets)
     finally:
