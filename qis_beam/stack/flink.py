@@ -55,7 +55,11 @@ def flink_config(state: Path, rest_port: int, rpc_port: int, shipped: dict) -> d
             "parallelism.default": 1,
             # Modest memory: the machine is shared with Kafka, the emulator and tests.
             "jobmanager.memory.process.size": "1024m",
-            "taskmanager.memory.process.size": "2048m",
+            "taskmanager.memory.process.size": "2560m",
+            # gRPC to the SDK workers allocates direct (off-heap) buffers; with only the
+            # framework's 128 MB a 4M-packet backfill failed with "OutOfMemoryError: Direct
+            # buffer memory" (and its retry then hung on the broken data channel).
+            "taskmanager.memory.task.off-heap.size": "384m",
             # Batch: Flink's sort shuffle reserves min-buffers per result partition and a
             # batch job deploys several tasks at once; the default 512 of ~100 MB of network
             # memory failed backfills ("Insufficient number of network buffers").
@@ -65,6 +69,9 @@ def flink_config(state: Path, rest_port: int, rpc_port: int, shipped: dict) -> d
             # Streaming: per-packet keys (dedupe, too-late marks) live until their TTL; on the
             # heap they exhausted the TaskManager after ~77k packets. RocksDB keeps them on disk.
             "state.backend.type": "rocksdb",
+            # Incremental: a full RocksDB snapshot copies all state at every checkpoint (220 MB
+            # every 10 s after 370k packets, which slowed the job as its state grew).
+            "state.backend.incremental": True,
             # Checkpoints and savepoints on local disk, kept on cancel, for restores by hand.
             "state.checkpoints.dir": (state / "checkpoints").as_uri(),
             "state.savepoints.dir": (state / "savepoints").as_uri(),
