@@ -234,12 +234,15 @@ def stop_group(process: subprocess.Popen, grace: float = 20.0) -> None:
         return
 
 
-def sdk_pool(piece, environment: str) -> tuple[str, int] | None:
-    """(endpoint, PID) of the stack's SDK worker pool for ``--environment external``."""
-    if environment != "external":
-        return None
-    proc = next(p for p in piece.procs if p.role == "sdk-worker-pool")
-    return piece.endpoints["sdk_worker_pool"], proc.pid
+def flink_handles(piece, environment: str) -> tuple[FlinkRest, dict, str | None]:
+    """The cluster's REST API, the PIDs whose CPU is measured (TaskManager; SDK worker pool for
+    ``--environment external``) and the pool's endpoint (None: LOOPBACK)."""
+    pids = {"taskmanager": next(p.pid for p in piece.procs if p.role.startswith("taskmanager"))}
+    pool = None
+    if environment == "external":
+        pids["sdk_workers"] = next(p.pid for p in piece.procs if p.role == "sdk-worker-pool")
+        pool = piece.endpoints["sdk_worker_pool"]
+    return FlinkRest(piece.endpoints["rest"]), pids, pool
 
 
 @contextlib.contextmanager
@@ -606,16 +609,11 @@ def bench_backfill(args) -> dict:
                 record(r, f"FnApiRunner, 1 worker #{run + 1}", records or args.packets)
         with local_stack(work, ["flink"], args.flink_conf) as started:
             piece = started["flink"].piece
-            rest = FlinkRest(piece.endpoints["rest"])
-            tm = next((p.pid for p in piece.procs if p.role.startswith("taskmanager")), None)
-            pool = sdk_pool(piece, args.environment)
-            pids = {"taskmanager": tm}
-            if pool:
-                pids["sdk_workers"] = pool[1]
+            rest, pids, pool = flink_handles(piece, args.environment)
 
             def flink_run(p: int, name: str, input_pattern: str) -> dict:
                 out = work / name
-                beam = flink_args(piece.endpoints["flink_master"], jar, p, pool and pool[0])
+                beam = flink_args(piece.endpoints["flink_master"], jar, p, pool)
                 argv = [*common, "--input", input_pattern, "--output", str(out), *beam]
                 r = launch(argv, work, name, args.timeout, rest, pids)
                 r["counts"], r["parallelism"] = summary_counts(out), p
@@ -762,12 +760,7 @@ def bench_stream(args) -> dict:
         with local_stack(work, ["kafka", "flink"], args.flink_conf) as started:
             bootstrap = started["kafka"].piece.endpoints["bootstrap"]
             piece = started["flink"].piece
-            rest = FlinkRest(piece.endpoints["rest"])
-            tm = next((p.pid for p in piece.procs if p.role.startswith("taskmanager")), None)
-            pool = sdk_pool(piece, args.environment)
-            pids = {"taskmanager": tm}
-            if pool:
-                pids["sdk_workers"] = pool[1]
+            rest, pids, pool = flink_handles(piece, args.environment)
             for size in sizes:
                 t0 = time.perf_counter()
                 records = stream_records(work / f"swarm-{size}", size, args.seed)
@@ -787,12 +780,7 @@ def bench_stream(args) -> dict:
                             *["--bootstrap-servers", bootstrap],
                             *["--output", str(work / name), "--allow-unsigned"],
                             *["--flush-every", "30s", "--wait"],
-                            *flink_args(
-                                piece.endpoints["flink_master"],
-                                jar,
-                                p,
-                                pool[0] if pool else None,
-                            ),
+                            *flink_args(piece.endpoints["flink_master"], jar, p, pool),
                         ]
                         if args.stop_when_idle:
                             argv += ["--kafka-stop-when-idle", args.stop_when_idle]
