@@ -24,19 +24,7 @@ from apache_beam.portability.api import beam_fn_api_pb2, beam_fn_api_pb2_grpc
 from apache_beam.testing.util import assert_that, equal_to
 
 from qis_beam.stack.ports import free_port, port_open
-from qis_beam.stack.procs import start_ticks
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getpgid(int(entry)) == pgid:
-                    members.append(int(entry))
-            except ProcessLookupError:
-                continue
-    return members
+from qis_beam.stack.procs import group_members, start_ticks
 
 
 @pytest.fixture
@@ -99,6 +87,6 @@ def test_a_pipeline_runs_in_workers_forked_by_the_pool(pool):
     process.send_signal(signal.SIGTERM)
     process.wait(30)
     deadline = time.monotonic() + 15
-    while _group_members(process.pid) and time.monotonic() < deadline:
+    while group_members(process.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _group_members(process.pid) == []
+    assert group_members(process.pid) == []

@@ -96,7 +96,8 @@ def _signal_group(proc: Proc, sig: int) -> None:
         pass
 
 
-def _group_members(pgid: int) -> list[int]:
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``."""
     members = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -120,17 +121,17 @@ def stop(proc: Proc, timeout: float = 20.0, sig: int = signal.SIGTERM) -> bool:
     _signal_group(proc, sig)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not alive(proc) and not _group_members(proc.pgid):
+        if not alive(proc) and not group_members(proc.pgid):
             return True
         time.sleep(0.2)
-    if alive(proc) or _group_members(proc.pgid):
+    if alive(proc) or group_members(proc.pgid):
         try:
             os.killpg(proc.pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         for _ in range(50):
             _reap(proc.pid)
-            if not alive(proc) and not _group_members(proc.pgid):
+            if not alive(proc) and not group_members(proc.pgid):
                 break
             time.sleep(0.1)
     return True
