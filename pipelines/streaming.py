@@ -8,7 +8,6 @@ every runner.
 from __future__ import annotations
 
 import apache_beam as beam
-from apache_beam.transforms import window
 
 from qis_beam.settings import Settings
 from qis_beam.transforms.bigquery import WriteSynthesisToBigQuery
@@ -19,9 +18,9 @@ from qis_beam.transforms.streaming import (
     FlagTooLate,
     IngestStream,
     PacketPartials,
+    SynthesizeWindows,
     TallyStream,
 )
-from qis_beam.transforms.synthesize import SynthesizeWindows
 
 
 def build_streaming_graph(
@@ -49,18 +48,16 @@ def build_streaming_graph(
             | "WriteTallies" >> write(output_dir, TALLIES_PREFIX)
         )
     partials = packets | "Partials" >> PacketPartials()
+    # Records of both syntheses come out in the global window, ready to be flattened.
     windowed = partials | "SynthesizeWindows" >> SynthesizeWindows(
-        settings.windows, settings.synthesis, streaming=True
+        settings.windows, settings.synthesis
     )
     # All-time state folds raw payloads on its timer (O(1) work per packet), not partials.
     all_time = packets | "SynthesizeAllTime" >> AllTimeSnapshots(
         settings.stream, settings.synthesis
     )
     too_late = packets | "FlagTooLate" >> FlagTooLate(settings.windows)
-    synthesis = (
-        windowed | "UnwindowRecords" >> beam.WindowInto(window.GlobalWindows()),
-        all_time,
-    ) | "AllSynthesis" >> beam.Flatten()
+    synthesis = (windowed, all_time) | "AllSynthesis" >> beam.Flatten()
     synthesis | "WriteSynthesis" >> write(output_dir, SYNTHESIS_PREFIX)
     if bigquery_table:
         synthesis | "WriteSynthesisToBigQuery" >> WriteSynthesisToBigQuery(bigquery_table, True)

@@ -372,7 +372,7 @@ def test_largest_state_value_per_key_stays_flat_as_traffic_grows(monkeypatch):
         ("_FirstArrivalFn", "digest"),
         ("_AllTimeSnapshotFn", "synthesis"),
         ("_AllTimeSnapshotFn", "pending"),
-        ("_ReconcileFn", "source"),
+        ("_ReconcileFn", "marks"),
     }
     assert cells <= small.keys() and small.keys() == large.keys()
     for cell, size in large.items():

@@ -1,9 +1,10 @@
 """Synthesis by address in event-time windows and over all time (spec sections 5-6).
 
 Streaming sends one-packet ``(address_hex, Synthesis)`` partials timestamped in event time
-through :class:`SynthesizeWindows`. The backfill's :class:`FoldRanges` folds the kept packets
-of many ranges at once into partials already keyed by (address, window) and by address, merged
-by :class:`MergeWindowPartials` and :class:`SynthesizeAllTime`. Both paths merge with one
+through ``SynthesizeWindows`` (:mod:`qis_beam.transforms.streaming.windowed`). The backfill's
+:class:`FoldRanges` folds the kept packets of many ranges at once into partials already keyed
+by (address, window) and by address, merged by :class:`MergeWindowPartials` and
+:class:`SynthesizeAllTime`. Both paths merge with one
 CombineFn over the shared, Beam-free :class:`~qis_beam.synthesis.Synthesis`, so they compute
 the same thing.
 """
@@ -17,10 +18,10 @@ import apache_beam as beam
 import numpy as np
 from apache_beam import coders
 from apache_beam.pvalue import TaggedOutput
-from apache_beam.transforms import trigger, window
+from apache_beam.transforms import window
 from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
-from apache_beam.utils.windowed_value import PaneInfoTiming, WindowedValue
+from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 
 from qis_beam.partials import PacketColumns
 from qis_beam.positions import HEADER_BYTES, frame_range, read_range
@@ -185,14 +186,6 @@ class FoldRanges(beam.PTransform):
         )
 
 
-_TIMING = {
-    PaneInfoTiming.EARLY: "EARLY",
-    PaneInfoTiming.ON_TIME: "ON_TIME",
-    PaneInfoTiming.LATE: "LATE",
-    PaneInfoTiming.UNKNOWN: "UNKNOWN",
-}
-
-
 def synthesis_record(
     address: str,
     synthesis: Synthesis,
@@ -221,20 +214,6 @@ def synthesis_record(
 FINAL_PANE = {"timing": "ON_TIME", "index": 0, "is_last": True}
 
 
-class _FormatWindowedFn(beam.DoFn):
-    def __init__(self, params: SynthesisParams):
-        self._params = params
-
-    def process(
-        self, element: Partial, w=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam
-    ) -> Iterator[dict]:
-        address, synthesis = element
-        bounds = (w.start.micros // 1000, w.end.micros // 1000)
-        pane_info = {"timing": _TIMING[pane.timing], "index": pane.index, "is_last": pane.is_last}
-        counter("synthesis_records.windowed").inc()
-        yield synthesis_record(address, synthesis, self._params, bounds, pane_info)
-
-
 class _FormatAllTimeFn(beam.DoFn):
     def __init__(self, params: SynthesisParams):
         self._params = params
@@ -261,57 +240,6 @@ def window_fn(windows: WindowSettings):
     if windows.period_ms:
         return window.SlidingWindows(windows.size_ms / 1000, windows.period_ms / 1000)
     return window.FixedWindows(windows.size_ms / 1000)
-
-
-def streaming_trigger(windows: WindowSettings):
-    """After the watermark, early panes by count and/or processing time, a late pane per packet.
-
-    Processing-time early firings exist only here: the batch runners reject them
-    (beam-facts.md, apache/beam#19070), so backfill never builds this trigger.
-    """
-    early = []
-    if windows.early_firing_count > 0:
-        early.append(trigger.AfterCount(windows.early_firing_count))
-    if windows.early_firing_delay_ms > 0:
-        # Beam encodes this delay in whole seconds.
-        seconds = max(1, round(windows.early_firing_delay_ms / 1000))
-        early.append(trigger.AfterProcessingTime(seconds))
-    early_trigger = trigger.AfterAny(*early) if len(early) > 1 else (early[0] if early else None)
-    return trigger.AfterWatermark(early=early_trigger, late=trigger.AfterCount(1))
-
-
-class SynthesizeWindows(beam.PTransform):
-    """Partials -> one record per (address, window, pane); the transform both modes share."""
-
-    def __init__(
-        self,
-        windows: WindowSettings,
-        params: SynthesisParams,
-        streaming: bool,
-        hot_key_fanout: int = 0,
-    ):
-        super().__init__()
-        self._windows = windows
-        self._params = params
-        self._streaming = streaming
-        self._fanout = hot_key_fanout
-
-    def expand(self, partials):
-        if not self._streaming:
-            raise ValueError("bounded input: use MergeWindowPartials on FoldRanges' output")
-        merge = beam.CombinePerKey(MergeSynthesesFn())
-        windowing = beam.WindowInto(
-            window_fn(self._windows),
-            trigger=streaming_trigger(self._windows),
-            accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
-            allowed_lateness=Duration(micros=self._windows.allowed_lateness_ms * 1000),
-        )
-        return (
-            partials
-            | "WindowByEventTime" >> windowing
-            | "MergePerAddressWindow" >> merge.with_output_types(tuple[str, Synthesis])
-            | "FormatWindowed" >> beam.ParDo(_FormatWindowedFn(self._params))
-        )
 
 
 class MergeWindowPartials(beam.PTransform):

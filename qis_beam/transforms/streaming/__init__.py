@@ -2,6 +2,7 @@
 
 * :mod:`.dedupe` - :class:`IngestStream`: validation and first-arrival dedupe per packet_id;
 * :mod:`.partials` - :class:`PacketPartials`: one-packet partials for the windowed synthesis;
+* :mod:`.windowed` - :class:`SynthesizeWindows`: panes decided by Beam, accumulated in state;
 * :mod:`.alltime` - :class:`AllTimeSnapshots`: continuous per-address synthesis and expiry;
 * :mod:`.toolate` - :class:`FlagTooLate`: packets the windows dropped, counted and dead-lettered;
 * :mod:`.tallies` - :class:`TallyStream`: exact counts of a drained replay.
@@ -15,6 +16,7 @@ from qis_beam.transforms.streaming.dedupe import DUPLICATES, IngestStream
 from qis_beam.transforms.streaming.partials import PacketPartials
 from qis_beam.transforms.streaming.tallies import TallyStream
 from qis_beam.transforms.streaming.toolate import FlagTooLate
+from qis_beam.transforms.streaming.windowed import SynthesizeWindows
 
 __all__ = [
     "DUPLICATES",
@@ -22,5 +24,6 @@ __all__ = [
     "FlagTooLate",
     "IngestStream",
     "PacketPartials",
+    "SynthesizeWindows",
     "TallyStream",
 ]

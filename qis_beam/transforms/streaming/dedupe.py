@@ -63,7 +63,10 @@ class _ValidateRecordFn(beam.DoFn):
 class _FirstArrivalFn(beam.DoFn):
     """Keyed by packet_id: the first copy wins until its event time + ``dedupe_ttl``."""
 
-    DIGEST = userstate.ReadModifyWriteStateSpec("digest", BytesCoder())
+    # A bag holding at most one digest: a first write is then one append, where a value cell
+    # sends a clear and an append per packet. (Value cells are bags in the Fn API, so state
+    # written by the value-cell version of this step restores here unchanged.)
+    DIGEST = userstate.BagStateSpec("digest", BytesCoder())
     EXPIRY = userstate.TimerSpec("expiry", TimeDomain.WATERMARK)
 
     def __init__(self, dedupe_ttl_ms: int):
@@ -78,9 +81,9 @@ class _FirstArrivalFn(beam.DoFn):
     ) -> Iterator:
         packet_id, (payload, record, source) = element
         digest = payload_digest(payload)
-        kept = digest_state.read()
+        kept = next(iter(digest_state.read()), None)
         if kept is None:
-            digest_state.write(digest)
+            digest_state.add(digest)
             state_size("dedupe").update(len(digest))
             # A copy that is already older than the TTL sets a timer in the past: it
             # fires at the next watermark step, so no key outlives its horizon.
