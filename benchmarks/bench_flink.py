@@ -45,6 +45,10 @@ with ``--shutdown_sources_after_idle_ms=N`` instead, which loses data: the idle 
 Impulse source's, so after N ms the final watermark passes while the reader still defers its
 remainder (a 20k run read 5,000 records).
 
+Checkpoints: every ``--checkpoint-ms`` (default 60 s, the ``flink`` profile's interval; the
+``local-flink`` profile's 10 s serves its recovery test, and once a stream's RocksDB state
+reached 250 MB its checkpoints took minutes and slowed the stream to a crawl).
+
 Flink configuration: the stack's (:func:`qis_beam.stack.flink.flink_config`: RocksDB state,
 256 MB of network memory); ``--flink-conf KEY=VALUE`` (repeatable) adds to it for this run.
 """
@@ -389,6 +393,7 @@ def launch(
     rest: FlinkRest | None = None,
     pids: dict[str, int | None] | None = None,
     drain_quiet_s: float | None = None,
+    sample_every_s: float = 0.0,
 ) -> dict:
     """Run ``qis-beam ARGV`` in its own session; wall time, CPU, metrics and (with ``rest``)
     the Flink job's timings. Everything it started is stopped when it returns.
@@ -396,7 +401,10 @@ def launch(
     ``drain_quiet_s``: once records have flowed and no vertex's counts changed for that long,
     the Beam metrics are read from Flink's REST API and the job is ended as ``--end`` says:
     cancelled (the default), or stopped with a savepoint, with or without drain (see
-    :meth:`FlinkRest.stop`; then the PipelineResult's metrics are read too)."""
+    :meth:`FlinkRest.stop`; then the PipelineResult's metrics are read too).
+
+    ``sample_every_s``: also read the running job's Beam metrics that often and append
+    records_in, valid and the largest state values so far to ``NAME.samples.jsonl``."""
     metrics_path = work / f"{name}.metrics.json"
     log_path = work / f"{name}.log"
     known = set(rest.jobs()) if rest else set()
@@ -411,6 +419,7 @@ def launch(
             start_new_session=True,
         )
     jid, samples, drained, live = None, [], None, None  # samples: (time, record count)
+    sampled_at = time.time()
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -426,6 +435,10 @@ def launch(
                         jid = new[0] if new else None
                     if jid is not None:
                         samples.append((time.time(), rest.record_counts(jid)))
+                    if jid is not None and sample_every_s and drained is None:
+                        if time.time() - sampled_at >= sample_every_s:
+                            sampled_at = time.time()
+                            sample_metrics(rest, jid, work / f"{name}.samples.jsonl")
                     quiet = quiet_since(samples)
                     if drain_quiet_s and drained is None and quiet is not None:
                         if time.time() - quiet >= drain_quiet_s:
@@ -459,6 +472,9 @@ def launch(
     }
     with contextlib.suppress(OSError, ValueError):
         result["metrics"] = json.loads(metrics_path.read_text())
+    samples_path = work / f"{name}.samples.jsonl"
+    if samples_path.exists():
+        result["samples"] = [json.loads(line) for line in samples_path.read_text().splitlines()]
     if live is not None:
         result["live_metrics"] = live
         if not (result.get("metrics") or {}).get("distributions"):
@@ -496,6 +512,19 @@ def launch(
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"{name} failed ({process.returncode}), {log_path}:\n{tail}")
     return result
+
+
+def sample_metrics(rest: FlinkRest, jid: str, path: Path) -> None:
+    """One line of a running stream's progress: records in, valid, largest state values."""
+    metrics = rest.beam_metrics(jid)
+    row = {
+        "t": round(time.time(), 1),
+        "records_in": counter(metrics, "records_in"),
+        "valid": counter(metrics, "valid"),
+        "sizes": {k: d.get("max") for k, d in state_sizes(metrics).items()},
+    }
+    with open(path, "a") as out:
+        out.write(json.dumps(row) + "\n")
 
 
 def quiet_since(samples: list[tuple[float, int]]) -> float | None:
@@ -733,7 +762,8 @@ def state_sizes(metrics: dict) -> dict[str, dict]:
         if short.startswith(STATE_BYTES_PREFIX):
             out[short[len(STATE_BYTES_PREFIX) :]] = d
         elif name.startswith("qis_state_bytes_"):
-            out[name[len("qis_state_bytes_") :].replace("all_time_", "all_time.")] = d
+            step = name[len("qis_state_bytes_") :]
+            out[step.replace("all_time_", "all_time.").replace("windowed_", "windowed.")] = d
     return out
 
 
@@ -782,6 +812,8 @@ def bench_stream(args) -> dict:
                             *["--flush-every", "30s", "--wait"],
                             *flink_args(piece.endpoints["flink_master"], jar, p, pool),
                         ]
+                        if args.checkpoint_ms:
+                            argv.append(f"--checkpointing_interval={args.checkpoint_ms}")
                         if args.stop_when_idle:
                             argv += ["--kafka-stop-when-idle", args.stop_when_idle]
                         if args.shutdown_idle_ms:
@@ -794,6 +826,7 @@ def bench_stream(args) -> dict:
                             rest,
                             pids,
                             drain_quiet_s=None if args.shutdown_idle_ms else args.drain_quiet,
+                            sample_every_s=args.sample_every,
                         )
                         r.update(size=size, records=len(records), parallelism=p)
                         report["runs"].append(r)
@@ -918,6 +951,21 @@ def main() -> int:
     s.add_argument("--parallelism", default="2")
     s.add_argument("--partitions", type=int, default=4)
     s.add_argument("--seed", type=int, default=5)
+    s.add_argument(
+        "--sample-every",
+        type=float,
+        default=60.0,
+        help="s between progress samples (records in, largest state values) of a running "
+        "job, appended to <work>/<run>.samples.jsonl (see --keep); 0: none",
+    )
+    s.add_argument(
+        "--checkpoint-ms",
+        type=int,
+        default=60_000,
+        help="Flink checkpoint interval (default: the `flink` profile's 60 s; `local-flink` "
+        "checkpoints every 10 s for its recovery test, which a large state cannot keep up "
+        "with); 0: the profile's",
+    )
     s.add_argument(
         "--stop-when-idle",
         default="",
