@@ -407,3 +407,46 @@ def test_continuous_json_lines_write_one_file_per_flush_per_shard(tmp_path):
     written = list(read_json_lines(output, "synthesis"))
     key = lambda r: (r["flush"], r["bundle"], r["i"])  # noqa: E731
     assert sorted(written, key=key) == sorted(records, key=key)
+
+
+def test_accumulated_panes_are_cumulative_whatever_order_they_arrive_in():
+    """Panes of one window reaching ``AccumulatePanes`` out of order (Prism, or any runner
+    that does not keep a key's order across a shuffle): every record holds all panes seen so
+    far, and the record with the highest index holds the whole window."""
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from qis_beam.partials import add_packet
+    from qis_beam.synthesis import Synthesis, SynthesisParams
+    from qis_beam.transforms.streaming.windowed import _AccumulatePanesFn
+    from qis_beam.validation import validate
+
+    def parsed(i):
+        return validate(packet(i, T0_MS + i * MIN)[0], ValidationPolicy(now_ms=NOW)).packet
+
+    def partial(*ids):
+        s = Synthesis()
+        for i in ids:
+            add_packet(s, parsed(i))
+        return s
+
+    address = parsed(1).semantic_address.hex()
+    key = (address, T0_MS)
+    # Beam fired EARLY (1, 2), ON_TIME (3) and LATE (4); they arrive ON_TIME, LATE, EARLY.
+    arriving = [
+        (key, (partial(3), "ON_TIME", 1, False)),
+        (key, (partial(4), "LATE", 2, False)),
+        (key, (partial(1, 2), "EARLY", 0, False)),
+    ]
+    fn = _AccumulatePanesFn(SynthesisParams(), WindowSettings(size_ms=HOUR_MS))
+    with beam.Pipeline(options=streaming_options()) as p:
+        stream = TestStream().with_output_types(tuple[tuple[str, int], tuple])
+        for element in arriving:  # one bundle each, in this order
+            stream = stream.add_elements([element])
+        records = p | stream.advance_watermark_to_infinity() | beam.ParDo(fn)
+        summary = records | beam.Map(
+            lambda r: (r["pane"]["index"], r["pane"]["timing"], r["n_packets"], r["window_end_ms"])
+        )
+        end = T0_MS + HOUR_MS
+        assert_that(
+            summary, equal_to([(0, "ON_TIME", 1, end), (1, "LATE", 2, end), (2, "EARLY", 4, end)])
+        )
