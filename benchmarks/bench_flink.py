@@ -16,7 +16,7 @@ worker pool beside the TaskManager, the stack's own (:mod:`qis_beam.stack.worker
 ``local-flink`` profile uses for batch: ``--environment_type=EXTERNAL``,
 ``--sdk_worker_parallelism=2``), so parallelism 2 gets two SDK worker *processes* and can use
 both cores; ``loopback`` (the ``local-flink`` profile's streaming default, and the default of
-``stream``, where it was 2-3x faster) runs every bundle in the submitting process, one GIL,
+``stream``, where it was 1.4x faster) runs every bundle in the submitting process, one GIL,
 whatever the parallelism.
 
 backfill: ``qis-beam backfill --profile local-flink`` over ``--packets`` unsigned packets
@@ -527,9 +527,14 @@ def sample_metrics(rest: FlinkRest, jid: str, path: Path) -> None:
         out.write(json.dumps(row) + "\n")
 
 
+# Record counts of a job that has started reading: the Impulse and the partition listing
+# account for a handful, and a reader can take a while to get its first batch.
+FLOWING_COUNT = 1000
+
+
 def quiet_since(samples: list[tuple[float, int]]) -> float | None:
     """When the counts last changed, once records have flowed (None before)."""
-    if not samples or samples[-1][1] == 0:
+    if not samples or samples[-1][1] < FLOWING_COUNT:
         return None
     since = samples[-1][0]
     for t, n in reversed(samples):
@@ -541,7 +546,7 @@ def quiet_since(samples: list[tuple[float, int]]) -> float | None:
 
 def active_time(samples: list[tuple[float, int]]) -> float | None:
     """From the first sample with records flowing to the last sample where counts changed."""
-    first = next((t for t, n in samples if n > 0), None)
+    first = next((t for t, n in samples if n >= FLOWING_COUNT), None)
     last, previous = None, None
     for t, n in samples:
         if previous is not None and n != previous:
@@ -990,8 +995,9 @@ def main() -> int:
     s.add_argument(
         "--drain-quiet",
         type=float,
-        default=30.0,
-        help="stop the job once no record moved for this many seconds",
+        default=120.0,
+        help="stop the job once no record moved for this many seconds (longer than a "
+        "checkpoint: an 800k run's took 30-40 s, during which nothing moves)",
     )
     args = parser.parse_args()
     EXTRA_BEAM_ARGS.extend(args.beam_arg)
