@@ -255,19 +255,19 @@ def test_direct_runner_fires_a_late_pane_for_late_data(tmp_path):
     ]
 
 
-EMPTY_ON_TIME_SCRIPT = ([1, 2], 70)  # both in the early pane: the on-time pane is empty
+def _empty_on_time_panes(output: str, options: PipelineOptions):
+    """Both elements fire the early pane, so the discarding on-time pane is empty."""
+    stream = _minutes([1, 2], 70)
+    mode = trigger.AccumulationMode.DISCARDING
+    return _panes(output, options, stream, mode, early=trigger.AfterCount(2))
+
+
+EMPTY_ON_TIME_PANES = [(0, 0, "EARLY", (1, 2)), (0, 1, "ON_TIME", ())]
 
 
 @pytest.mark.slow
 def test_direct_runner_fires_an_empty_on_time_pane(tmp_path):
-    panes = _panes(
-        str(tmp_path),
-        direct_options(),
-        _minutes(*EMPTY_ON_TIME_SCRIPT),
-        trigger.AccumulationMode.DISCARDING,
-        early=trigger.AfterCount(2),
-    )
-    assert panes == [(0, 0, "EARLY", (1, 2)), (0, 1, "ON_TIME", ())]
+    assert _empty_on_time_panes(str(tmp_path), direct_options()) == EMPTY_ON_TIME_PANES
 
 
 @pytest.mark.xfail(
@@ -278,14 +278,8 @@ def test_direct_runner_fires_an_empty_on_time_pane(tmp_path):
 )
 @pytest.mark.slow
 def test_prism_fires_an_empty_on_time_pane(tmp_path, prism_endpoint):
-    panes = _panes(
-        str(tmp_path),
-        prism_options(prism_endpoint),
-        _minutes(*EMPTY_ON_TIME_SCRIPT),
-        trigger.AccumulationMode.DISCARDING,
-        early=trigger.AfterCount(2),
-    )
-    assert panes == [(0, 0, "EARLY", (1, 2)), (0, 1, "ON_TIME", ())]
+    panes = _empty_on_time_panes(str(tmp_path), prism_options(prism_endpoint))
+    assert panes == EMPTY_ON_TIME_PANES
 
 
 @pytest.mark.xfail(
