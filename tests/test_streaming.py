@@ -433,9 +433,9 @@ def test_accumulated_panes_are_cumulative_whatever_order_they_arrive_in():
     key = (address, T0_MS)
     # Beam fired EARLY (1, 2), ON_TIME (3) and LATE (4); they arrive ON_TIME, LATE, EARLY.
     arriving = [
-        (key, (partial(3), "ON_TIME", 1, False)),
-        (key, (partial(4), "LATE", 2, False)),
-        (key, (partial(1, 2), "EARLY", 0, False)),
+        (key, (partial(3), "ON_TIME", False)),
+        (key, (partial(4), "LATE", False)),
+        (key, (partial(1, 2), "EARLY", False)),
     ]
     fn = _AccumulatePanesFn(SynthesisParams(), WindowSettings(size_ms=HOUR_MS))
     with beam.Pipeline(options=streaming_options()) as p:

@@ -41,8 +41,8 @@ from qis_beam.transforms.synthesize import MergeSynthesesFn, synthesis_record, w
 
 # (address hex, window start ms): one window of one address (windows have one size).
 WindowKey = tuple[str, int]
-# A pane's new partials merged, with the pane's timing name, index and is_last.
-PaneDelta = tuple[WindowKey, tuple[Synthesis, str, int, bool]]
+# A pane's new partials merged, with the pane's timing name and is_last.
+PaneDelta = tuple[WindowKey, tuple[Synthesis, str, bool]]
 
 _TIMING = {
     PaneInfoTiming.EARLY: "EARLY",
@@ -77,7 +77,7 @@ class _KeyByWindowFn(beam.DoFn):
     ) -> Iterator[PaneDelta]:
         address, delta = element
         key = (address, ms_of(w.start))
-        yield key, (delta, _TIMING[pane.timing], pane.index, pane.is_last)
+        yield key, (delta, _TIMING[pane.timing], pane.is_last)
 
 
 class _AccumulatePanesFn(beam.DoFn):
@@ -99,7 +99,7 @@ class _AccumulatePanesFn(beam.DoFn):
         panes=beam.DoFn.StateParam(PANES),
         expiry=beam.DoFn.TimerParam(EXPIRY),
     ) -> Iterator[dict]:
-        (address, start_ms), (synthesis, timing, _, is_last) = element
+        (address, start_ms), (synthesis, timing, is_last) = element
         end_ms = start_ms + self._size_ms
         stored = synthesis_state.read()
         if stored:
