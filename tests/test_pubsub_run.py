@@ -233,8 +233,10 @@ def test_run_on_pubsub_equals_backfill(pubsub_emulator_host, monkeypatch, tmp_pa
         # Ctrl-C: `run --wait` cancels the job. The DirectRunner first finishes its bundles,
         # a Pub/Sub pull among them (~30 s): under CI load that took more than 90 s twice.
         job.send_signal(signal.SIGINT)
+        interrupted_at = time.monotonic()
         try:
             job.wait(timeout=240)
+            print(f"run --source pubsub: stopped {time.monotonic() - interrupted_at:.0f}s after ^C")
         except subprocess.TimeoutExpired:
             job.kill()
             job.wait()
