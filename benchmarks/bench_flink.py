@@ -407,6 +407,7 @@ def launch(
     records_in, valid and the largest state values so far to ``NAME.samples.jsonl``."""
     metrics_path = work / f"{name}.metrics.json"
     log_path = work / f"{name}.log"
+    samples_path = work / f"{name}.samples.jsonl"
     known = set(rest.jobs()) if rest else set()
     cpu0 = {k: tree_cpu_s(v) for k, v in (pids or {}).items()}
     meter = Meter()
@@ -438,7 +439,7 @@ def launch(
                     if jid is not None and sample_every_s and drained is None:
                         if time.time() - sampled_at >= sample_every_s:
                             sampled_at = time.time()
-                            sample_metrics(rest, jid, work / f"{name}.samples.jsonl")
+                            sample_metrics(rest, jid, samples_path)
                     quiet = quiet_since(samples)
                     if drain_quiet_s and drained is None and quiet is not None:
                         if time.time() - quiet >= drain_quiet_s:
@@ -472,7 +473,6 @@ def launch(
     }
     with contextlib.suppress(OSError, ValueError):
         result["metrics"] = json.loads(metrics_path.read_text())
-    samples_path = work / f"{name}.samples.jsonl"
     if samples_path.exists():
         result["samples"] = [json.loads(line) for line in samples_path.read_text().splitlines()]
     if live is not None:
