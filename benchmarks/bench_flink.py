@@ -385,6 +385,36 @@ def cli_with_metrics(metrics_path: str, argv: list[str]) -> int:
     return code
 
 
+def vertex_timings(rest: FlinkRest, jid: str, v: dict, job_start: float) -> dict:
+    """A finished vertex: when it started (s into the job), how long it and each subtask ran,
+    and its record counts (a subtask that ran longest shows an imbalance)."""
+    subtasks = rest.get(f"/jobs/{jid}/vertices/{v['id']}")["subtasks"]
+    return {
+        "name": v["name"][:160],
+        "parallelism": v["parallelism"],
+        "duration_s": v["duration"] / 1000,
+        "start_s": v["start-time"] / 1000 - job_start,
+        **{
+            k: v["metrics"].get(k)
+            for k in (
+                "read-records",
+                "write-records",
+                "accumulated-busy-time",
+                "accumulated-backpressured-time",
+                "accumulated-idle-time",
+            )
+        },
+        "subtasks": [
+            {
+                "duration_s": s["duration"] / 1000,
+                "read_records": s["metrics"].get("read-records"),
+                "write_records": s["metrics"].get("write-records"),
+            }
+            for s in subtasks
+        ],
+    }
+
+
 def launch(
     argv: list[str],
     work: Path,
@@ -488,22 +518,7 @@ def launch(
         result["after_s"] = ended - end if end > 0 else None
         with contextlib.suppress(OSError, KeyError, ValueError):
             result["vertices"] = [
-                {
-                    "name": v["name"][:160],
-                    "parallelism": v["parallelism"],
-                    "duration_s": v["duration"] / 1000,
-                    **{
-                        k: v["metrics"].get(k)
-                        for k in (
-                            "read-records",
-                            "write-records",
-                            "accumulated-busy-time",
-                            "accumulated-backpressured-time",
-                            "accumulated-idle-time",
-                        )
-                    },
-                }
-                for v in rest.get(f"/jobs/{jid}")["vertices"]
+                vertex_timings(rest, jid, v, start) for v in rest.get(f"/jobs/{jid}")["vertices"]
             ]
         result["active_s"] = active_time([x for x in samples if drained is None or x[0] < drained])
         if drained is not None:

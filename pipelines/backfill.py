@@ -1,9 +1,10 @@
 """Batch backfill: packet logs (TFRecord, local or gs://) -> synthesis, dead letters.
 
-Two passes over the logs and no funnel (see :mod:`qis_beam.transforms.ingest`): read and
-validate by ranges -> dedupe over many packet_id shards (compact entries, not records) ->
-re-read each range and fold the kept packets -> merge partials per (address, window) and per
-address with lifted combines. The number of keys is derived from the input's size.
+Two passes over the logs and no funnel (see :mod:`qis_beam.transforms.ingest`): scan each
+shard into ranges, spread the ranges over the workers, read and validate each -> dedupe over
+many packet_id shards (compact entries, not records) -> re-read each range and fold the kept
+packets -> merge partials per (address, window) and per address with lifted combines. The
+number of keys is derived from the input's size.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def build_backfill(
     records = input_records(input_pattern)
     batch = range_records_for(records, settings.read_batch_size)
     read = pipeline | "ReadPacketLogs" >> ReadRecordBatches(input_pattern, batch)
-    ranges, ingest_dead = read.batches | "Ingest" >> IngestBatches(
+    ranges, ingest_dead = read["batches"] | "Ingest" >> IngestBatches(
         settings.validation,
         shards_for(records, settings.dedupe_shards),
         shuffle_parts(pipeline.options, records),

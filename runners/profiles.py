@@ -156,14 +156,19 @@ PROFILES["local-prism"] = {
 #: Profile names in display order (for argparse ``choices``).
 PROFILE_NAMES: tuple[str, ...] = tuple(PROFILES)
 
+# Batch on Flink: blocking data exchange. Pipelined batch exchanges can deadlock on graphs whose
+# branches rejoin (FLINK-10672), as the dead-letter Flatten does. Each bundle (a whole partition
+# in batch) takes whichever SDK worker is free: without load balancing a task keeps the worker
+# Flink dealt it round-robin when the task opened, and under concurrent task starts both
+# subtasks of the heaviest stage often got the same one (one core for a parallelism-2 stage).
+# Balancing needs BATCH_FORCED: a bundle holds its worker to the end, so a producer and its
+# pipelined consumer could each wait for the other's worker. Never in streaming.
+_FLINK_BATCH = {"execution_mode_for_batch": "BATCH_FORCED", "load_balance_bundles": True}
+
 #: Extra options for bounded pipelines (``backfill``).
 BATCH_OPTIONS: dict[str, dict[str, object]] = {
-    "flink": {
-        # Blocking data exchange: pipelined batch exchanges can deadlock on graphs whose
-        # branches rejoin (FLINK-10672), as the dead-letter Flatten does.
-        "execution_mode_for_batch": "BATCH_FORCED",
-    },
-    "local-flink": {"execution_mode_for_batch": "BATCH_FORCED"},
+    "flink": dict(_FLINK_BATCH),
+    "local-flink": dict(_FLINK_BATCH),
 }
 
 #: Extra options for streaming pipelines (``replay``, ``run``); they override PROFILES.
@@ -240,6 +245,7 @@ FLINK_RUNNER_OPTIONS: frozenset[str] = frozenset(
         "finish_bundle_before_checkpointing",
         "flink_conf_dir",
         "latency_tracking_interval",
+        "load_balance_bundles",
         "max_bundle_size",
         "max_bundle_time_mills",
         "min_pause_between_checkpoints",

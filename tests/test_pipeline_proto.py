@@ -115,6 +115,7 @@ def test_backfill_proto_keys_and_triggers(tmp_path):
 # Flink and Dataflow. Beam's file sink (WriteImpl) groups only file names, not packets.
 BACKFILL_SHUFFLES = {
     "ReadPacketLogs/SpreadShards": "one key per input file (Reshuffle's random keys)",
+    "ReadPacketLogs/SpreadRanges": "one key per range (random keys), each ~1/256 of the input",
     "Ingest/ShuffleByPacketId": "hash shards of packet_id, >= 512, sized from the input",
     "Ingest/GatherRanges": "one key per range of a file, each ~1/256 of the input",
     "SynthesizeWindows/MergePerAddressWindow": "(address, window); lifted partials",

@@ -148,6 +148,8 @@ def test_flink_profile_batch_and_streaming():
     assert flag_value(stream, "max_parallelism") == "128"
     assert flag_value(batch, "execution_mode_for_batch") == "BATCH_FORCED"
     assert flag_value(stream, "execution_mode_for_batch") is None
+    # bundles take a free SDK worker in batch only (safe with blocking exchanges alone)
+    assert "--load_balance_bundles" in batch and "--load_balance_bundles" not in stream
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["batch", "streaming"])

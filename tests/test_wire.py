@@ -369,6 +369,30 @@ def test_runs_end_at_the_byte_limit(tmp_path):
     assert [len(at) for _, _, at, _ in runs] == [3, 3]  # the third record's data reaches it
 
 
+def test_a_scanned_range_reads_back_as_the_run_the_scan_saw(tmp_path):
+    """The backfill scans a shard into range descriptors, spreads them and reads each range
+    where it is validated: the bytes and record positions are those of the scan; a log cut
+    after the scan is an error naming it, not a short batch."""
+    from qis_beam.transforms.read import LogChangedWhileRead, _ScanShardFn, read_batch
+
+    records = [make_record(node_key(1), packet_id=bytes([i]) * 16) for i in range(7)]
+    path = tmp_path / "log.tfrecord"
+    with open(path, "wb") as f:
+        for record in records:
+            write_record(f, record)
+    with open_log(str(path)) as handle:
+        runs = list(positions.iter_runs(handle, 3, 1 << 20))
+    descriptors = list(_ScanShardFn(3).process((str(path), path.stat().st_size)))
+    assert len(descriptors) == len(runs) == 3
+    for (start, data, at, lengths), descriptor in zip(runs, descriptors, strict=True):
+        got = read_batch(descriptor)
+        assert got[:3] == (str(path), start, data)
+        assert got[3].tolist() == at.tolist() and got[4].tolist() == lengths.tolist()
+    os.truncate(path, path.stat().st_size - 1)
+    with pytest.raises(LogChangedWhileRead, match="log.tfrecord"):
+        read_batch(descriptors[-1])
+
+
 def test_scanned_columns_fold_as_parsed_payloads():
     """The second pass folds scanned columns; a record the scan cannot read is parsed."""
     key = node_key(1)
