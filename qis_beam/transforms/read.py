@@ -86,19 +86,14 @@ def read_batch(descriptor: RangeDescriptor) -> RecordBatch:
         raise LogChangedWhileRead(
             f"{path}: bytes {start}-{end} were scanned, only {len(data)} are left to read"
         )
-    as_int = np.int64
-    return (
-        path,
-        start,
-        data,
-        np.frombuffer(offsets, "<u4").astype(as_int),
-        np.frombuffer(lengths, "<u4").astype(as_int),
-    )
+    at = np.frombuffer(offsets, "<u4").astype(np.int64)
+    return path, start, data, at, np.frombuffer(lengths, "<u4").astype(np.int64)
 
 
 class ReadRecordBatches(beam.PTransform):
-    """File pattern -> (source, start offset, bytes, header offsets, record lengths) batches
-    (see :func:`qis_beam.positions.iter_runs`), plus dead letters."""
+    """File pattern -> ``{"batches": (source, start offset, bytes, header offsets, record
+    lengths), DEAD_LETTERS: ...}``: ranges cut as :func:`qis_beam.positions.iter_runs` cuts
+    them, each read on the worker its descriptor was spread to."""
 
     def __init__(self, file_pattern: str, batch_size: int):
         super().__init__()
@@ -113,13 +108,11 @@ class ReadRecordBatches(beam.PTransform):
             >> beam.Map(lambda m: (m.path, m.size_in_bytes)).with_output_types(tuple[str, int])
             | "SpreadShards" >> beam.Reshuffle()
             | "ScanShards"
-            >> beam.ParDo(_ScanShardFn(self._batch_size)).with_outputs(
-                DEAD_LETTERS, main="ranges"
-            )
+            >> beam.ParDo(_ScanShardFn(self._batch_size)).with_outputs(DEAD_LETTERS, main="ranges")
         )
         batches = (
             scanned.ranges
-            | "Typed" >> beam.Map(lambda r: r).with_output_types(RangeDescriptor)
+            | "TypedRanges" >> beam.Map(lambda r: r).with_output_types(RangeDescriptor)
             | "SpreadRanges" >> beam.Reshuffle()
             | "ReadRanges" >> beam.Map(read_batch)
         )
