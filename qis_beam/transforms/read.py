@@ -25,16 +25,16 @@ from apache_beam.io import fileio
 from apache_beam.pvalue import TaggedOutput
 
 from qis_beam import progress
-from qis_beam.positions import iter_runs, open_log, read_range
+from qis_beam.positions import FRAMING, iter_runs, open_log, read_range
 from qis_beam.tfrecords import CorruptRecordFile
 from qis_beam.transforms.deadletters import DEAD_LETTERS, counter, dead_letter
 from qis_beam.wire import CORRUPT_TAIL_REASON, corrupt_tail
 
 # (source file, *Run): one range of one file, its bytes and where its records are in them
 RecordBatch = tuple[str, int, bytes, np.ndarray, np.ndarray]
-# (source file, start offset, end offset, header offsets relative to the start, record
-# lengths; both <u4 bytes): a range as the scan found it, without its bytes
-RangeDescriptor = tuple[str, int, int, bytes, bytes]
+# (source file, start offset, end offset, record lengths as <u4 bytes): a range as the scan
+# found it, without its bytes (its records are back to back, so lengths give the offsets)
+RangeDescriptor = tuple[str, int, int, bytes]
 # A batch also ends at this many bytes: bounded memory, and offsets within a range fit the
 # uint32 the backfill's shuffles carry them in.
 MAX_BATCH_BYTES = 64 << 20
@@ -57,13 +57,7 @@ class _ScanShardFn(beam.DoFn):
                     if progress.active():
                         progress.advance(len(offsets), len(data))
                         reported += len(data)
-                    yield (
-                        path,
-                        start,
-                        start + len(data),
-                        offsets.astype("<u4").tobytes(),
-                        lengths.astype("<u4").tobytes(),
-                    )
+                    yield path, start, start + len(data), lengths.astype("<u4").tobytes()
         except CorruptRecordFile as error:
             records_in.inc()
             detail, tail = corrupt_tail(error, size)
@@ -80,14 +74,16 @@ class LogChangedWhileRead(RuntimeError):
 
 def read_batch(descriptor: RangeDescriptor) -> RecordBatch:
     """The bytes of a scanned range, with where its records are in them."""
-    path, start, end, offsets, lengths = descriptor
+    path, start, end, packed = descriptor
     data = read_range(path, start, end)
     if len(data) != end - start:
         raise LogChangedWhileRead(
             f"{path}: bytes {start}-{end} were scanned, only {len(data)} are left to read"
         )
-    at = np.frombuffer(offsets, "<u4").astype(np.int64)
-    return path, start, data, at, np.frombuffer(lengths, "<u4").astype(np.int64)
+    lengths = np.frombuffer(packed, "<u4").astype(np.int64)
+    at = np.zeros_like(lengths)
+    np.cumsum(lengths[:-1] + FRAMING, out=at[1:])
+    return path, start, data, at, lengths
 
 
 class ReadRecordBatches(beam.PTransform):
