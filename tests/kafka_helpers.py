@@ -98,6 +98,14 @@ def publish(bootstrap: str, topic: str, records: Published) -> None:
             transport.publish(record, event_time_ms=event_ms)
 
 
+def dump_stacks(process: subprocess.Popen, wait_s: float = 3.0) -> None:
+    """Ask a launcher that seems stuck for every thread's stack (``qis-beam`` prints them on
+    SIGUSR1), into its log, before it is stopped."""
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGUSR1)
+        time.sleep(wait_s)
+
+
 def stop(process: subprocess.Popen) -> None:
     """Stop the job's launcher and what it started in its process group (Prism, the Flink
     job server), by PID."""
@@ -322,6 +330,8 @@ def two_phase_run(
         else:
             phase1_read = wait_stored(store_url, phase1_valid, process, phase1_timeout)
         timings["phase1_read_s"] = time.monotonic() - started
+        if not phase1_read:
+            dump_stacks(process)
         publish(scenario.bootstrap, scenario.topic, scenario.phase2)
         if stop_when_idle is None:
             deadline = time.monotonic() + finish_timeout

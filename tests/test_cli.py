@@ -479,3 +479,34 @@ def test_query_into_a_closed_pipe_exits_quietly(swarm, backfilled):
     finally:
         os.close(write_end)
     assert done.stderr == "" and done.returncode == 1
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_command_goes_on():
+    """``kill -USR1`` on a ``qis-beam`` process shows where each of its threads waits (a job
+    that seems stuck); the process is not disturbed."""
+    import signal
+    import time
+
+    script = (
+        "import sys, threading, time\n"
+        "from qis_beam.cli import main\n"
+        "main(['query'])\n"  # a usage error (exit code 2): main ran, its handler is set
+        "threading.Thread(target=time.sleep, args=(30,), name='waiter', daemon=True).start()\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(1.5)\n"
+        "print('went on', flush=True)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(0.2)
+        out, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0 and "went on" in out
+    assert err.count("most recent call first") >= 2  # the main thread and the waiter

@@ -8,7 +8,9 @@ line and exit with code 2; an unsupported Beam is one line and exit code 1.
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -43,6 +45,9 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # ``kill -USR1 PID`` prints every thread's stack to stderr: where a job that seems stuck
+    # is waiting (with LOOPBACK, the SDK harness's threads are in this process).
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     args = None
     try:
         args, beam_args = build_parser().parse_known_args(argv)

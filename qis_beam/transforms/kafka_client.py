@@ -9,6 +9,8 @@ restarted job goes on where the last one stopped.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Iterator
 
@@ -31,6 +33,27 @@ def make_consumer(bootstrap_servers: str, group_id: str | None, config: dict | N
     }
     settings.update(config or {})
     return Consumer(settings)
+
+
+#: Seconds a consumer's close may take before the bundle goes on without it.
+CLOSE_WAIT_S = 10.0
+
+
+def close_consumer(consumer, wait_s: float = CLOSE_WAIT_S) -> None:
+    """Close ``consumer`` without letting a close that never returns hold up the bundle.
+
+    librdkafka's close can retry the group coordinator lookup forever when the broker does not
+    answer it (confluentinc/librdkafka#3740), and a fresh broker answers "coordinator load in
+    progress" for a while. Had ``ListPartitions`` waited on such a close, its bundle would
+    never end and the job would stay RUNNING and read nothing.
+    """
+    closer = threading.Thread(target=consumer.close, name="kafka-consumer-close", daemon=True)
+    closer.start()
+    closer.join(wait_s)
+    if closer.is_alive():
+        logging.getLogger(__name__).warning(
+            "Kafka consumer still closing after %.0f s; going on without it", wait_s
+        )
 
 
 def coordinator_not_ready(error) -> bool:
@@ -76,7 +99,7 @@ class ListPartitionsFn(beam.DoFn):
                     if tp.offset >= 0:  # OFFSET_INVALID (-1001) when nothing was committed
                         starts[tp.partition] = max(starts[tp.partition], tp.offset)
         finally:
-            consumer.close()
+            close_consumer(consumer)
         yield self._topic, tuple((p, starts[p]) for p in partitions)
 
     def _committed(self, consumer, partitions):

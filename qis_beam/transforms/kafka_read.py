@@ -41,6 +41,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from qis_beam.transforms.kafka_client import (
     ListPartitionsFn,
+    close_consumer,
     commit,
     coordinator_not_ready,
     make_consumer,
@@ -128,7 +129,7 @@ class _ReadTopicFn(beam.DoFn, RestrictionProvider, WatermarkEstimatorProvider):
 
     def teardown(self):
         for consumer, _ in self._readers.values():
-            consumer.close()
+            close_consumer(consumer)
         self._readers.clear()
 
     def _reader(self, topic: str, tracker) -> list:
