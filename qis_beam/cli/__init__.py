@@ -43,11 +43,19 @@ COMMANDS = {
 }
 
 
+def _stacks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` prints every thread's stack to stderr: where a job that seems stuck
+    is waiting (with LOOPBACK, the SDK harness's threads are in this process). Only where
+    stderr is a file (not when a caller, e.g. a test, replaced it with a buffer)."""
+    try:
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr.fileno(), all_threads=True)
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # ``kill -USR1 PID`` prints every thread's stack to stderr: where a job that seems stuck
-    # is waiting (with LOOPBACK, the SDK harness's threads are in this process).
-    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    _stacks_on_sigusr1()
     args = None
     try:
         args, beam_args = build_parser().parse_known_args(argv)
