@@ -118,6 +118,7 @@ BACKFILL_SHUFFLES = {
     "ReadPacketLogs/SpreadRanges": "one key per range (random keys), each ~1/256 of the input",
     "Ingest/ShuffleByPacketId": "hash shards of packet_id, >= 512, sized from the input",
     "Ingest/GatherRanges": "one key per range of a file, each ~1/256 of the input",
+    "FoldPackets/SpreadRangeGroups": "one key per range group (random keys)",
     "SynthesizeWindows/MergePerAddressWindow": "(address, window); lifted partials",
     "SynthesizeAllTime/MergePerAddress": "address; lifted partials",
 }
