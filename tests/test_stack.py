@@ -31,7 +31,7 @@ from qis_beam import stack
 from qis_beam.runners.profiles import LOCAL_FLINK_VERSION, missing_options, profile_args
 from qis_beam.stack.digests import DigestMismatch, sha256_of
 from qis_beam.stack.download import fetch_file
-from qis_beam.stack.flink import registered_taskmanagers
+from qis_beam.stack.flink import LOCAL_JVM_OPTIONS, registered_taskmanagers
 from qis_beam.stack.pins import pins
 from qis_beam.stack.procs import alive, spawn, start_ticks, stop
 from qis_beam.stack.state import Proc
@@ -399,6 +399,11 @@ def test_stack_up_status_and_down_stops_exactly_its_processes(tmp_path, monkeypa
         assert all(row["alive"] for row in rows.values())
         roles = [p["role"] for p in rows["flink"]["procs"]]
         assert roles == ["jobmanager", "sdk-worker-pool", "taskmanager-1"]
+        # Both JVMs run with the local stack's flags (C1 only, serial GC).
+        for proc in rows["flink"]["procs"]:
+            if proc["role"] != "sdk-worker-pool":
+                argv = Path(f"/proc/{proc['pid']}/cmdline").read_bytes().split(b"\0")
+                assert {o.encode() for o in LOCAL_JVM_OPTIONS.split()} <= set(argv), proc
 
         kafka_round_trip(rows["kafka"]["endpoints"]["bootstrap"])
         pubsub_round_trip(rows["pubsub"]["endpoints"]["host"])

@@ -38,6 +38,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+#: JVM flags of the local stack's JobManager and TaskManager (see :func:`flink_config`).
+LOCAL_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+
+
 def flink_config(state: Path, rest_port: int, rpc_port: int, shipped: dict) -> dict[str, object]:
     """The distribution's config.yaml (it holds the Java 17 flags) with loopback overrides."""
     config = _flatten(shipped)
@@ -84,6 +88,12 @@ def flink_config(state: Path, rest_port: int, rpc_port: int, shipped: dict) -> d
             # A killed TaskManager is noticed in seconds, not after the default 50 s.
             "heartbeat.interval": 2000,
             "heartbeat.timeout": 10000,
+            # Short jobs on 2 cores: C2's compiles and G1's concurrent threads took CPU from the
+            # SDK workers (a TaskManager spent 7-9 CPU-s on a 2k-packet backfill). With C1 only
+            # and the serial collector, a 4M backfill at parallelism 2 ran 25-27 s, not 29-31;
+            # a 50k Kafka stream kept its speed. A long-lived production cluster keeps C2.
+            "env.java.opts.jobmanager": LOCAL_JVM_OPTIONS,
+            "env.java.opts.taskmanager": LOCAL_JVM_OPTIONS,
             "io.tmp.dirs": str(state / "tmp"),
             "web.tmpdir": str(state / "web-tmp"),
             "web.upload.dir": str(state / "web-upload"),
