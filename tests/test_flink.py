@@ -483,7 +483,9 @@ def test_the_kafka_job_survives_a_killed_taskmanager(
     try:
         jid = rest.wait_new_job(process, timeout=300)
         # Offsets are committed when a checkpoint completes: one did, after A was read.
-        assert kafka_helpers.wait_committed(scenario, a_ends, process, timeout=400)
+        if not kafka_helpers.wait_committed(scenario, a_ends, process, timeout=400):
+            kafka_helpers.dump_stacks(process)  # where the reader waits, into run.log
+            pytest.fail(f"phase A was never committed; stacks in {tmp_path / 'run.log'}")
         measured["a_committed_s"] = round(time.monotonic() - started, 1)
         # B is read and reaches the store, with luck before the next checkpoint: what the
         # restored job reads again was then already written once.
