@@ -64,8 +64,13 @@ def _java(home: Path, log4j: Path) -> list[str]:
 
 
 def random_cluster_id() -> str:
-    """Kafka's cluster id form: a UUID as 22 URL-safe base64 characters."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """Kafka's cluster id form: a UUID as 22 URL-safe base64 characters, never starting with
+    "-" (Kafka's ``Uuid.randomUuid`` draws again too: the storage tool's parser reads
+    ``-t -x...`` as a missing id, and 1 broker in 64 failed to format)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def launch(state_dir: Path, ports: dict[str, int]) -> Piece:
