@@ -10,8 +10,8 @@ re-reads (:mod:`qis_beam.positions`).
 A shard is scanned by one worker (TFRecord has no sync markers to split on): the scan checks
 the framing and checksums and emits each range's *descriptor* (where it is, where its records
 are), not its bytes. The descriptors are spread over the workers and each range is read where
-it is validated, so validation, the costly part, spreads by ranges whatever the number of
-shards (8 shards on 2 workers fell 5/3 or 6/2 more often than 4/4), and no shuffle carries the
+it is validated, so validation, the costly part, spreads by ranges whatever the number and
+sizes of the shards (more workers than files, one large shard), and no shuffle carries the
 records.
 """
 
