@@ -27,7 +27,10 @@ staging); the Flink job's own duration (REST); *after* (job end until the launch
 store load, summary, publish). A ``--baseline-packets`` run of the same kind gives the job's
 fixed cost, so the *marginal* rate ``(N - n0) / (job - job0)`` is the engine's speed with
 start-up taken out. CPU seconds of the SDK workers, the TaskManager and the launcher tree,
-and how busy the machine was (both cores, all processes), are printed next to each figure.
+how busy the machine was (both cores, all processes) and a fixed Python loop's time (the
+machine's speed at that moment) are printed next to each figure. ``--runs`` are rounds of one
+run per parallelism, so p1 and p2 run side by side in time (this machine's speed drifts by a
+quarter within minutes); each round's p1/p2 job-time ratio and their median are printed.
 
 stream: per size, a swarm with recent event times (same 2 h span, 1000 nodes, 1000 zipf
 addresses) is published to its own Kafka topic, then ``qis-beam run --source kafka`` on
@@ -61,6 +64,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -606,7 +610,22 @@ def describe(r: dict, records: int) -> str:
         f"load {r['load1_before']:.1f}->{r['load1_after']:.1f}, "
         f"machine {100 * r['machine_busy']:.0f}% busy"
     )
+    if "probe_s" in r:
+        parts.append(f"CPU probe {1000 * r['probe_s']:.0f} ms")
     return "; ".join(parts)
+
+
+def cpu_probe(loops: int = 2_000_000) -> float:
+    """Seconds of a fixed pure-Python loop, the best of three: how fast this (shared, drifting)
+    machine runs Python right now, printed beside each run to tell its speed from the job's."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        total = 0
+        for i in range(loops):
+            total += i & 7
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def bench_backfill(args) -> dict:
@@ -664,18 +683,23 @@ def bench_backfill(args) -> dict:
                 out = work / name
                 beam = flink_args(piece.endpoints["flink_master"], jar, p, pool)
                 argv = [*common, "--input", input_pattern, "--output", str(out), *beam]
+                probe = cpu_probe()
                 r = launch(argv, work, name, args.timeout, rest, pids)
+                r["probe_s"] = probe
                 r["counts"], r["parallelism"] = summary_counts(out), p
                 return r
 
-            for p in parallelisms:
-                if base_pattern:
-                    r = flink_run(p, f"flink-p{p}-baseline", base_pattern)
-                    r["baseline"] = True
-                    n0 = r["counts"].get("records_in") or args.baseline_packets
-                    record(r, f"Flink p{p} baseline ({n0})", n0)
-                for run in range(args.runs):
+            for p in parallelisms if base_pattern else ():
+                r = flink_run(p, f"flink-p{p}-baseline", base_pattern)
+                r["baseline"] = True
+                n0 = r["counts"].get("records_in") or args.baseline_packets
+                record(r, f"Flink p{p} baseline ({n0})", n0)
+            # Rounds of one run per parallelism: this machine's speed drifts by a quarter
+            # within minutes, so p1 and p2 run side by side in time, not one block each.
+            for run in range(args.runs):
+                for p in parallelisms:
                     r = flink_run(p, f"flink-p{p}-{run}", pattern)
+                    r["round"] = run
                     records = r["counts"].get("records_in") or records
                     record(r, f"Flink p{p} #{run + 1}", records or args.packets)
     finally:
@@ -685,6 +709,15 @@ def bench_backfill(args) -> dict:
             shutil.rmtree(work, ignore_errors=True)
     summarize_backfill(report, records or args.packets)
     return report
+
+
+def round_ratios(runs: list[dict]) -> list[float]:
+    """p1 job time / p2 job time of each round (runs of the two that ran back to back)."""
+    jobs: dict[int, dict[int, float]] = {}
+    for r in runs:
+        if "round" in r:
+            jobs.setdefault(r["round"], {})[r["parallelism"]] = r["job_s"]
+    return [j[1] / j[2] for _, j in sorted(jobs.items()) if 1 in j and 2 in j]
 
 
 def summarize_backfill(report: dict, records: int) -> None:
@@ -712,6 +745,13 @@ def summarize_backfill(report: dict, records: int) -> None:
         best = max(rates[2]) / max(rates[1])
         print(f"  p2 / p1 (best job rates): {best:.2f}x (goal >= 1.6x)")
         report["p2_over_p1"] = best
+        rounds = round_ratios(runs)
+        if rounds:
+            print(
+                f"  p2 / p1 per round: {', '.join(f'{x:.2f}x' for x in rounds)}; "
+                f"median {statistics.median(rounds):.2f}x"
+            )
+            report["p2_over_p1_rounds"] = rounds
         if 1 in marginal and 2 in marginal:
             m = max(marginal[2]) / max(marginal[1])
             print(f"  p2 / p1 (best marginal rates): {m:.2f}x")
