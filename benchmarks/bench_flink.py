@@ -403,6 +403,8 @@ def vertex_timings(rest: FlinkRest, jid: str, v: dict, job_start: float) -> dict
             for k in (
                 "read-records",
                 "write-records",
+                "read-bytes",
+                "write-bytes",
                 "accumulated-busy-time",
                 "accumulated-backpressured-time",
                 "accumulated-idle-time",
