@@ -3,7 +3,7 @@
 Two passes over the logs and no funnel (see :mod:`qis_beam.transforms.ingest`): scan each
 shard into ranges, spread the ranges over the workers, read and validate each -> dedupe over
 many packet_id shards (compact entries, not records) -> re-read each range and fold the kept
-packets -> merge partials per (address, window) and per address with lifted combines. The
+packets -> merge partials per (address, window) and per address with one lifted combine. The
 number of keys is derived from the input's size.
 """
 
@@ -21,7 +21,7 @@ from qis_beam.transforms.deadletters import DEAD_LETTERS
 from qis_beam.transforms.ingest import IngestBatches
 from qis_beam.transforms.outputs import DEAD_LETTERS_PREFIX, SYNTHESIS_PREFIX, WriteJsonLines
 from qis_beam.transforms.read import ReadRecordBatches
-from qis_beam.transforms.synthesize import FoldRanges, MergeWindowPartials, SynthesizeAllTime
+from qis_beam.transforms.synthesize import FoldRanges, MergePartials
 
 # Sizing when the input cannot be listed while building (e.g. a Dataflow dry run offline).
 UNKNOWN_INPUT_RECORDS = 10_000_000
@@ -66,14 +66,11 @@ def build_backfill(
         shards_for(records, settings.dedupe_shards),
         shuffle_parts(pipeline.options, records),
     )
-    windowed, all_time = ranges | "FoldPackets" >> FoldRanges(settings.windows)
-    windowed = windowed | "SynthesizeWindows" >> MergeWindowPartials(
-        settings.synthesis, hot_key_fanout=settings.hot_key_fanout
+    records_out = (
+        ranges
+        | "FoldPackets" >> FoldRanges(settings.windows)
+        | "Synthesize" >> MergePartials(settings.synthesis, settings.hot_key_fanout)
     )
-    all_time = all_time | "SynthesizeAllTime" >> SynthesizeAllTime(
-        settings.synthesis, hot_key_fanout=settings.hot_key_fanout
-    )
-    records_out = (windowed, all_time) | "AllSynthesis" >> beam.Flatten()
     records_out | "WriteSynthesis" >> WriteJsonLines(output_dir, SYNTHESIS_PREFIX)
     if bigquery_table:
         records_out | "WriteSynthesisToBigQuery" >> WriteSynthesisToBigQuery(bigquery_table, False)

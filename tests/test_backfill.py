@@ -214,7 +214,7 @@ def test_hot_key_fanout_really_splits_the_merges(tmp_path):
         return [t.unique_name for t in pipeline.to_runner_api().components.transforms.values()]
 
     hot = [label for label in labels(3) if "SplitHotCold" in label]
-    assert {label.split("/")[0] for label in hot} == {"SynthesizeWindows", "SynthesizeAllTime"}
+    assert {label.split("/")[0] for label in hot} == {"Synthesize"}
     assert not any("SplitHotCold" in label for label in labels(0))
 
 

@@ -103,7 +103,7 @@ def test_backfill_proto_keys_and_triggers(tmp_path):
     labels = {label for label, _, _ in found}
     assert any("ShuffleByPacketId" in label for label in labels)
     assert any("GatherRanges" in label for label in labels)
-    assert any("MergePerAddressWindow" in label for label in labels)
+    assert any("Synthesize/MergePerKey" in label for label in labels)
     for label, key, _ in found:
         assert key in DETERMINISTIC, (label, key)
     for strategy in proto.components.windowing_strategies.values():
@@ -119,8 +119,7 @@ BACKFILL_SHUFFLES = {
     "Ingest/ShuffleByPacketId": "hash shards of packet_id, >= 512, sized from the input",
     "Ingest/GatherRanges": "one key per range of a file, each ~1/256 of the input",
     "FoldPackets/SpreadRangeGroups": "one key per range group (random keys)",
-    "SynthesizeWindows/MergePerAddressWindow": "(address, window); lifted partials",
-    "SynthesizeAllTime/MergePerAddress": "address; lifted partials",
+    "Synthesize/MergePerKey": "(address, window) and address; lifted partials",
 }
 SINGLE_KEY_TRANSFORMS = ("KeyWithVoid", "CombineGlobally", "Globally", "ToList")
 

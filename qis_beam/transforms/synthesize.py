@@ -3,10 +3,9 @@
 Streaming sends one-packet ``(address_hex, Synthesis)`` partials timestamped in event time
 through ``SynthesizeWindows`` (:mod:`qis_beam.transforms.streaming.windowed`). The backfill's
 :class:`FoldRanges` folds the kept packets of many ranges at once into partials already keyed
-by (address, window) and by address, merged by :class:`MergeWindowPartials` and
-:class:`SynthesizeAllTime`. Both paths merge with one
-CombineFn over the shared, Beam-free :class:`~qis_beam.synthesis.Synthesis`, so they compute
-the same thing.
+by (address, window) and by address, all merged by one :class:`MergePartials`. Both paths
+merge with one CombineFn over the shared, Beam-free :class:`~qis_beam.synthesis.Synthesis`,
+so they compute the same thing.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 from apache_beam import coders
-from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms import window
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
@@ -102,7 +100,7 @@ class _FoldRangesFn(beam.DoFn):
 
     def setup(self) -> None:
         self._window_fn = window_fn(self._windows)
-        self._window_keys: dict[int, list[str]] = {}
+        self._window_keys: dict[int, list[tuple[int, int]]] = {}
 
     def start_bundle(self) -> None:
         self._columns = PacketColumns(self._windows.bucket_ms)
@@ -132,27 +130,23 @@ class _FoldRangesFn(beam.DoFn):
 
     def finish_bundle(self) -> Iterator:
         for output in self._fold():
-            if isinstance(output, TaggedOutput):
-                yield TaggedOutput(output.tag, _global(output.value))
-            else:
-                yield _global(output)
+            yield _global(output)
 
-    def _fold(self) -> Iterator:
+    def _fold(self) -> Iterator[Partial]:
         windowed, all_time = self._columns.fold()
         for (address, bucket_start_ms), partial in windowed.items():
             first, *others = self._keys_of_bucket(bucket_start_ms)
-            yield f"{address}|{first}", partial
-            for window_key in others:  # sliding windows: every emitted object is its own
-                yield f"{address}|{window_key}", partial.copy()
-        for address, partial in all_time.items():
-            yield TaggedOutput(ALL_TIME, (address, partial))
+            yield window_key(address, first), partial
+            for bounds in others:  # sliding windows: every emitted object is its own
+                yield window_key(address, bounds), partial.copy()
+        yield from all_time.items()  # keyed by the bare address
 
-    def _keys_of_bucket(self, bucket_start_ms: int) -> list[str]:
+    def _keys_of_bucket(self, bucket_start_ms: int) -> list[tuple[int, int]]:
         keys = self._window_keys.get(bucket_start_ms)
         if keys is None:
             context = window.WindowFn.AssignContext(Timestamp(micros=bucket_start_ms * 1000))
             keys = self._window_keys[bucket_start_ms] = [
-                f"{w.start.micros // 1000}|{w.end.micros // 1000}"
+                (w.start.micros // 1000, w.end.micros // 1000)
                 for w in self._window_fn.assign(context)
             ]
         return keys
@@ -162,33 +156,33 @@ def _global(value) -> WindowedValue:
     return WindowedValue(value, MIN_TIMESTAMP, (GlobalWindow(),))
 
 
-ALL_TIME = "all_time"
 FOLD_PACKETS = 1 << 20
+
+
+def window_key(address: str, bounds: tuple[int, int]) -> str:
+    """The merge key of an (address, window) partial; an all-time partial's is the address."""
+    return f"{address}|{bounds[0]}|{bounds[1]}"
 
 
 class FoldRanges(beam.PTransform):
     """Range groups (see :mod:`qis_beam.transforms.ingest`) -> partials keyed by
-    ``"address|start|end"`` (main output) and by address (``all_time``)."""
+    ``"address|start|end"`` (:func:`window_key`) and by ``"address"`` (all time), in one
+    PCollection: Flink's batch runner writes a stage's whole output once per output it has,
+    so a second output for the few all-time partials would double the fold's shuffle."""
 
     def __init__(self, windows: WindowSettings):
         super().__init__()
         self._windows = windows
 
     def expand(self, ranges):
-        folded = (
+        return (
             ranges
             # The groups are a few hundred small descriptors hashed to workers by range key
             # (88/112 on Flink at parallelism 2); a Reshuffle deals them evenly (Flink
             # rebalances round-robin), so no worker folds far more ranges than another.
             | "SpreadRangeGroups" >> beam.Reshuffle()
             | "FoldKeptPackets"
-            >> beam.ParDo(_FoldRangesFn(self._windows)).with_outputs(ALL_TIME, main="windowed")
-        )
-        typed = tuple[str, Synthesis]
-        return (
-            folded.windowed | "TypedWindowKey" >> beam.Map(lambda kv: kv).with_output_types(typed),
-            folded[ALL_TIME]
-            | "TypedAddressKey" >> beam.Map(lambda kv: kv).with_output_types(typed),
+            >> beam.ParDo(_FoldRangesFn(self._windows)).with_output_types(tuple[str, Synthesis])
         )
 
 
@@ -220,26 +214,22 @@ def synthesis_record(
 FINAL_PANE = {"timing": "ON_TIME", "index": 0, "is_last": True}
 
 
-class _FormatAllTimeFn(beam.DoFn):
-    def __init__(self, params: SynthesisParams):
-        self._params = params
+class _FormatPartialFn(beam.DoFn):
+    """A merged ``("address|start|end" or "address", synthesis)`` -> its output record."""
 
-    def process(self, element: Partial) -> Iterator[dict]:
-        address, synthesis = element
-        counter("synthesis_records.all_time").inc()
-        yield synthesis_record(address, synthesis, self._params, None, dict(FINAL_PANE))
-
-
-class _FormatKeyedWindowFn(beam.DoFn):
     def __init__(self, params: SynthesisParams):
         self._params = params
 
     def process(self, element: Partial) -> Iterator[dict]:
         key, synthesis = element
-        address, start_ms, end_ms = key.split("|")
-        counter("synthesis_records.windowed").inc()
-        bounds = (int(start_ms), int(end_ms))
-        yield synthesis_record(address, synthesis, self._params, bounds, dict(FINAL_PANE))
+        address, *bounds = key.split("|")
+        if bounds:
+            counter("synthesis_records.windowed").inc()
+            window = (int(bounds[0]), int(bounds[1]))
+        else:
+            counter("synthesis_records.all_time").inc()
+            window = None
+        yield synthesis_record(address, synthesis, self._params, window, dict(FINAL_PANE))
 
 
 def window_fn(windows: WindowSettings):
@@ -248,12 +238,15 @@ def window_fn(windows: WindowSettings):
     return window.FixedWindows(windows.size_ms / 1000)
 
 
-class MergeWindowPartials(beam.PTransform):
-    """Bounded input: ``("address|start|end", partial)`` -> one record per (address, window).
+class MergePartials(beam.PTransform):
+    """Bounded input: partials keyed by :func:`window_key` or by address -> one record per
+    (address, window) and one all-time record per address.
 
     Batch has no late data and fires each window once, so windows are part of the key in the
     global window (Beam's windowed GroupByKey would run its trigger machinery for nothing).
-    Combiner lifting merges the partials of a bundle before the shuffle.
+    Combiner lifting merges the partials of a bundle before the shuffle. One merge for both
+    kinds: on Flink two would be two stages whose outputs meet in a Flatten, and the file
+    sink's writing stage would then run apart from both instead of inside the merge's.
     """
 
     def __init__(self, params: SynthesisParams, hot_key_fanout: int = 0):
@@ -262,31 +255,11 @@ class MergeWindowPartials(beam.PTransform):
         self._fanout = hot_key_fanout
 
     def expand(self, partials):
-        merge = _merge_owned_partials(self._fanout)
+        merge = beam.CombinePerKey(_MergeOwnedPartialsFn())
+        if self._fanout > 1:
+            merge = merge.with_hot_key_fanout(self._fanout)
         return (
             partials
-            | "MergePerAddressWindow" >> merge.with_output_types(tuple[str, Synthesis])
-            | "FormatWindowed" >> beam.ParDo(_FormatKeyedWindowFn(self._params))
-        )
-
-
-def _merge_owned_partials(hot_key_fanout: int) -> beam.CombinePerKey:
-    merge = beam.CombinePerKey(_MergeOwnedPartialsFn())
-    return merge.with_hot_key_fanout(hot_key_fanout) if hot_key_fanout > 1 else merge
-
-
-class SynthesizeAllTime(beam.PTransform):
-    """Bounded input: ``(address, partial)`` -> one all-time record per address."""
-
-    def __init__(self, params: SynthesisParams, hot_key_fanout: int = 0):
-        super().__init__()
-        self._params = params
-        self._fanout = hot_key_fanout
-
-    def expand(self, partials):
-        merge = _merge_owned_partials(self._fanout)
-        return (
-            partials
-            | "MergePerAddress" >> merge.with_output_types(tuple[str, Synthesis])
-            | "FormatAllTime" >> beam.ParDo(_FormatAllTimeFn(self._params))
+            | "MergePerKey" >> merge.with_output_types(tuple[str, Synthesis])
+            | "Format" >> beam.ParDo(_FormatPartialFn(self._params))
         )
