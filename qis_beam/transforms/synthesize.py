@@ -245,8 +245,8 @@ class MergePartials(beam.PTransform):
     Batch has no late data and fires each window once, so windows are part of the key in the
     global window (Beam's windowed GroupByKey would run its trigger machinery for nothing).
     Combiner lifting merges the partials of a bundle before the shuffle. One merge for both
-    kinds: on Flink two would be two stages whose outputs meet in a Flatten, and the file
-    sink's writing stage would then run apart from both instead of inside the merge's.
+    kinds: two would mean a second shuffle and merge stage on Flink, and a Flatten (a union
+    Flink runs) to bring their records to the sink.
     """
 
     def __init__(self, params: SynthesisParams, hot_key_fanout: int = 0):
