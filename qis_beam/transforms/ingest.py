@@ -9,18 +9,14 @@ No funnel and no raw records in the shuffle:
    its payload and its source position. Entries go to ``shards`` dedupe keys by a hash of the
    packet_id (many keys, sized from the input: see :func:`qis_beam.dedupe.shards_for`), in
    slices buffered across the bundle (at most 2**18 entries, 6 MiB, in all), so a shuffled
-   element is at most a batch's worth. Each range's descriptor (where it ends, how many of
-   its records are valid, which were not) rides in the slice of the shard its key hashes to:
-   the stage then has one output besides its dead letters, and Flink's batch runner writes
-   a stage's whole output once for each of its outputs (a third output, however small, would
-   write the 130 MB of a 4M-record backfill's entries a third time).
+   element is at most a batch's worth. Each range also emits its descriptor: where it is
+   and which of its records were invalid.
 2. ``Dedupe`` gets all copies of its packet_ids. Prefixes seen once are kept without a look;
    repeated ones with one digest keep the copy at the smallest position (the others are
    duplicates); repeated ones with different digests have their raw records read back from
    their positions and the exact rule applied per real packet_id (smallest payload kept,
    other payloads are ``conflicting_duplicate`` dead letters carrying the raw record). It
-   emits, per range, the offsets of the copies not to fold, and passes on the descriptors
-   it carried. The shards are spread over
+   emits, per range, the offsets of the copies not to fold. The shards are spread over
    independent shuffles of ~1M entries each (:func:`qis_beam.dedupe.parts_for`), so a local
    runner never holds one shuffle of the whole input.
 3. ``GatherRanges`` brings each range's descriptor and drop lists together; the fold
@@ -33,7 +29,6 @@ Memory: the shuffles hold 24 bytes per valid copy plus a few per range, not the 
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
@@ -58,16 +53,16 @@ from qis_beam.transforms.read import RecordBatch
 from qis_beam.validation import DUPLICATE_REASON, ValidationPolicy, validate_many
 from qis_beam.wire import decode_packet, payload_of
 
+RANGES = "ranges"
+# Dedupe shuffle element: (files, RANGE array bytes, ENTRY array bytes); an entry's "range"
+# indexes the ranges, a range's "path" the files. ~12 bytes per range, 24 per copy.
+Slice = tuple[list[str], bytes, bytes]
+RANGE = np.dtype([("path", "<u4"), ("start", "<u8")])
 # Fold shuffle element, keyed by range key: a descriptor (end offset, valid records, packed
 # uint32 offsets of invalid records relative to the start) or a drop list (DROPS, 0, packed
 # relative offsets of copies the dedupe did not keep).
 RangePart = tuple[int, int, bytes]
 DROPS = -1
-# Dedupe shuffle element: (files, RANGE array bytes, ENTRY array bytes, range descriptors);
-# an entry's "range" indexes the ranges, a range's "path" the files. ~12 bytes per range,
-# 24 per copy; the descriptors are those of ranges whose key hashes to the slice's shard.
-Slice = tuple[list[str], bytes, bytes, list[tuple[str, RangePart]]]
-RANGE = np.dtype([("path", "<u4"), ("start", "<u8")])
 # Entries are buffered across the batches of a bundle and sent, one slice per shard, at the
 # end of the bundle or when this many are buffered (6 MiB): slices stay large even with
 # many shards and small batches.
@@ -76,11 +71,6 @@ BUNDLE_ENTRIES = 1 << 18
 
 def range_key(path: str, start: int) -> str:
     return f"{start}@{path}"
-
-
-def descriptor_shard(key: str, shards: int) -> int:
-    """The dedupe shard whose slice carries the descriptor of range ``key``."""
-    return zlib.crc32(key.encode()) % shards
 
 
 def parse_range_key(key: str) -> Position:
@@ -112,7 +102,6 @@ class _ValidateBatchFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._ranges: list[tuple[str, int]] = []  # (file, start) of the buffered entries
         self._pending: list[np.ndarray] = []
-        self._descriptors: list[tuple[str, RangePart]] = []
         self._buffered = 0
 
     def process(self, batch: RecordBatch) -> Iterator:
@@ -129,7 +118,7 @@ class _ValidateBatchFn(beam.DoFn):
         invalid = rel[[i for i, _ in verdicts.rejections]]
         valid = len(verdicts.payloads)
         key = range_key(source, start)
-        self._descriptors.append((key, (start + len(data), valid, _relative(invalid))))
+        yield TaggedOutput(RANGES, (key, (start + len(data), valid, _relative(invalid))))
         if not valid:
             return
         entries = np.empty(valid, dtype=ENTRY)
@@ -150,18 +139,9 @@ class _ValidateBatchFn(beam.DoFn):
             yield WindowedValue(element, MIN_TIMESTAMP, (GlobalWindow(),))
 
     def _slices(self) -> Iterator[tuple[str, Slice]]:
-        """The buffered entries, one slice per shard, each with its own table of ranges, and
-        the buffered descriptors, in the slices of their shards (alone if a shard has none)."""
-        carried: dict[int, list[tuple[str, RangePart]]] = {}
-        for descriptor in self._descriptors:
-            carried.setdefault(descriptor_shard(descriptor[0], self._shards), []).append(descriptor)
-        self._descriptors = []
-        if self._pending:
-            yield from self._entry_slices(carried)
-        for shard, descriptors in carried.items():
-            yield str(shard), ([], b"", b"", descriptors)
-
-    def _entry_slices(self, carried: dict[int, list]) -> Iterator[tuple[str, Slice]]:
+        """The buffered entries, one slice per shard, each with its own table of ranges."""
+        if not self._pending:
+            return
         entries = np.concatenate(self._pending)
         names: dict[str, int] = {}
         range_path = np.array([names.setdefault(p, len(names)) for p, _ in self._ranges])
@@ -182,20 +162,18 @@ class _ValidateBatchFn(beam.DoFn):
             table["path"] = path_of.reshape(-1)
             table["start"] = range_start[used]
             files = [names_list[i] for i in paths.tolist()]
-            yield str(shard), (files, table.tobytes(), part.tobytes(), carried.pop(shard, []))
+            yield str(shard), (files, table.tobytes(), part.tobytes())
 
 
 class _DedupeShardFn(beam.DoFn):
-    """All copies of one shard's packet_ids -> per range, the offsets not to fold; and the
-    range descriptors its slices carried, passed on as they are."""
+    """All copies of one shard's packet_ids -> per range, the offsets not to fold."""
 
     def process(self, element: tuple[str, Iterable[Slice]]) -> Iterator:
         _, slices = element
         paths: list[str] = []
         range_paths, range_starts, arrays = [], [], []
         n_ranges = 0
-        for slice_paths, table, data, descriptors in slices:
-            yield from descriptors  # (range key, descriptor), on to GatherRanges
+        for slice_paths, table, data in slices:
             entries = np.frombuffer(data, dtype=ENTRY).copy()
             entries["range"] += n_ranges
             table = np.frombuffer(table, dtype=RANGE)
@@ -239,8 +217,8 @@ class _DedupeShardFn(beam.DoFn):
 
 
 class _ShuffleAndDedupe(beam.PTransform):
-    """Slices -> range parts (drop lists and descriptors: main) and dead letters, over
-    ``parts`` independent shuffles of the shards (see :func:`qis_beam.dedupe.parts_for`)."""
+    """Slices -> drops (main) and dead letters, over ``parts`` independent shuffles of the
+    shards (see :func:`qis_beam.dedupe.parts_for`)."""
 
     def __init__(self, parts: int):
         super().__init__()
@@ -279,12 +257,13 @@ class IngestBatches(beam.PTransform):
     def expand(self, batches):
         validated = batches | "Validate" >> beam.ParDo(
             _ValidateBatchFn(self._policy, self._shards)
-        ).with_outputs(DEAD_LETTERS, main="entries")
-        parts, dedupe_dead = validated.entries | "ShuffleByPacketId" >> _ShuffleAndDedupe(
+        ).with_outputs(DEAD_LETTERS, RANGES, main="entries")
+        drops, dedupe_dead = validated.entries | "ShuffleByPacketId" >> _ShuffleAndDedupe(
             self._parts
         )
         ranges = (
-            parts
+            (validated[RANGES], drops)
+            | "RangesAndDrops" >> beam.Flatten()
             | "TypedRangeKey" >> beam.Map(lambda kv: kv).with_output_types(tuple[str, RangePart])
             | "GatherRanges" >> beam.GroupByKey()
         )
