@@ -168,7 +168,7 @@ class FoldRanges(beam.PTransform):
     """Range groups (see :mod:`qis_beam.transforms.ingest`) -> partials keyed by
     ``"address|start|end"`` (:func:`window_key`) and by ``"address"`` (all time), in one
     PCollection: Flink's batch runner writes a stage's whole output once per output it has,
-    so a second output for the few all-time partials would double the fold's shuffle."""
+    so a second output for the few all-time partials would double what the fold writes."""
 
     def __init__(self, windows: WindowSettings):
         super().__init__()
