@@ -9,20 +9,14 @@ No funnel and no raw records in the shuffle:
    its payload and its source position. Entries go to ``shards`` dedupe keys by a hash of the
    packet_id (many keys, sized from the input: see :func:`qis_beam.dedupe.shards_for`), in
    slices buffered across the bundle (at most 2**18 entries, 6 MiB, in all), so a shuffled
-   element is at most a batch's worth. Each range's descriptor (where it ends, how many of
-   its records are valid, and each invalid one's offset and verdict, not its bytes) rides in
-   the slice of the shard its key hashes to. So validation has a single output: Flink's
-   batch runner writes a stage's whole output once per output it has, and a second output
-   for descriptors or dead letters, however small, would write the 130 MB of a 4M-record
-   backfill's entries again.
+   element is at most a batch's worth. Each range also emits its descriptor: where it is
+   and which of its records were invalid.
 2. ``Dedupe`` gets all copies of its packet_ids. Prefixes seen once are kept without a look;
    repeated ones with one digest keep the copy at the smallest position (the others are
    duplicates); repeated ones with different digests have their raw records read back from
    their positions and the exact rule applied per real packet_id (smallest payload kept,
    other payloads are ``conflicting_duplicate`` dead letters carrying the raw record). It
-   emits, per range, the offsets of the copies not to fold, passes on the descriptors its
-   slices carried, and writes the invalid records' dead letters, their raw bytes read back
-   from their positions like a conflict's. The shards are spread over
+   emits, per range, the offsets of the copies not to fold. The shards are spread over
    independent shuffles of ~1M entries each (:func:`qis_beam.dedupe.parts_for`), so a local
    runner never holds one shuffle of the whole input.
 3. ``GatherRanges`` brings each range's descriptor and drop lists together; the fold
@@ -35,7 +29,6 @@ Memory: the shuffles hold 24 bytes per valid copy plus a few per range, not the 
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
@@ -60,16 +53,10 @@ from qis_beam.transforms.read import RecordBatch
 from qis_beam.validation import DUPLICATE_REASON, ValidationPolicy, validate_many
 from qis_beam.wire import decode_packet, payload_of
 
-# An invalid record by position: (offset of its header relative to its range's start,
-# reason, detail, packet_id or b"" when it has none). Its dead letter is written where its
-# bytes are read back (the dedupe), so raw records never cross the shuffle.
-Rejected = tuple[int, str, str, bytes]
-# A range's descriptor: (range key, end offset, valid records, its invalid records).
-Descriptor = tuple[str, int, int, list[Rejected]]
-# Dedupe shuffle element: (files, RANGE array bytes, ENTRY array bytes, descriptors); an
-# entry's "range" indexes the ranges, a range's "path" the files. ~12 bytes per range, 24 per
-# copy; the descriptors are those of ranges whose key hashes to the slice's shard.
-Slice = tuple[list[str], bytes, bytes, list[Descriptor]]
+RANGES = "ranges"
+# Dedupe shuffle element: (files, RANGE array bytes, ENTRY array bytes); an entry's "range"
+# indexes the ranges, a range's "path" the files. ~12 bytes per range, 24 per copy.
+Slice = tuple[list[str], bytes, bytes]
 RANGE = np.dtype([("path", "<u4"), ("start", "<u8")])
 # Fold shuffle element, keyed by range key: a descriptor (end offset, valid records, packed
 # uint32 offsets of invalid records relative to the start) or a drop list (DROPS, 0, packed
@@ -78,19 +65,12 @@ RangePart = tuple[int, int, bytes]
 DROPS = -1
 # Entries are buffered across the batches of a bundle and sent, one slice per shard, at the
 # end of the bundle or when this many are buffered (6 MiB): slices stay large even with
-# many shards and small batches. Invalid records' verdicts (~100 bytes each) are sent when
-# this many are buffered, so a log of garbage does not fill memory either.
+# many shards and small batches.
 BUNDLE_ENTRIES = 1 << 18
-BUNDLE_REJECTED = 1 << 14
 
 
 def range_key(path: str, start: int) -> str:
     return f"{start}@{path}"
-
-
-def descriptor_shard(key: str, shards: int) -> int:
-    """The dedupe shard whose slice carries the descriptor of range ``key``."""
-    return zlib.crc32(key.encode()) % shards
 
 
 def parse_range_key(key: str) -> Position:
@@ -123,23 +103,23 @@ class _ValidateBatchFn(beam.DoFn):
         self._ranges: list[tuple[str, int]] = []  # (file, start) of the buffered entries
         self._pending: list[np.ndarray] = []
         self._buffered = 0
-        self._descriptors: list[Descriptor] = []
-        self._rejected = 0
 
     def process(self, batch: RecordBatch) -> Iterator:
         source, start, data, rel, lengths = batch  # rel: each header's offset in the range
         policy = self._policy
         at = rel + HEADER_BYTES
         verdicts = validate_many(data, at, at + lengths, policy, policy.clock_ms(), self._verifier)
-        rejected = [
-            (int(rel[i]), v.reason, v.detail, v.packet_id or b"") for i, v in verdicts.rejections
-        ]
+        for i, verdict in verdicts.rejections:
+            record = data[at[i] : at[i] + lengths[i]]
+            yield TaggedOutput(
+                DEAD_LETTERS,
+                dead_letter(verdict.reason, verdict.detail, record, verdict.packet_id, source),
+            )
+        invalid = rel[[i for i, _ in verdicts.rejections]]
         valid = len(verdicts.payloads)
-        self._descriptors.append((range_key(source, start), start + len(data), valid, rejected))
-        self._rejected += len(rejected)
+        key = range_key(source, start)
+        yield TaggedOutput(RANGES, (key, (start + len(data), valid, _relative(invalid))))
         if not valid:
-            if self._rejected >= BUNDLE_REJECTED:
-                yield from self._slices()
             return
         entries = np.empty(valid, dtype=ENTRY)
         entries["id"] = verdicts.packet_ids[:, :8].copy().view(">u8").reshape(-1)
@@ -151,7 +131,7 @@ class _ValidateBatchFn(beam.DoFn):
         self._ranges.append((source, start))
         self._pending.append(entries)
         self._buffered += len(entries)
-        if self._buffered >= BUNDLE_ENTRIES or self._rejected >= BUNDLE_REJECTED:
+        if self._buffered >= BUNDLE_ENTRIES:
             yield from self._slices()
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
@@ -159,18 +139,9 @@ class _ValidateBatchFn(beam.DoFn):
             yield WindowedValue(element, MIN_TIMESTAMP, (GlobalWindow(),))
 
     def _slices(self) -> Iterator[tuple[str, Slice]]:
-        """The buffered entries, one slice per shard, each with its own table of ranges, and
-        the buffered descriptors, in the slices of their shards (alone if a shard has none)."""
-        carried: dict[int, list[Descriptor]] = {}
-        for descriptor in self._descriptors:
-            carried.setdefault(descriptor_shard(descriptor[0], self._shards), []).append(descriptor)
-        self._descriptors, self._rejected = [], 0
-        if self._pending:
-            yield from self._entry_slices(carried)
-        for shard, descriptors in carried.items():
-            yield str(shard), ([], b"", b"", descriptors)
-
-    def _entry_slices(self, carried: dict[int, list[Descriptor]]) -> Iterator[tuple[str, Slice]]:
+        """The buffered entries, one slice per shard, each with its own table of ranges."""
+        if not self._pending:
+            return
         entries = np.concatenate(self._pending)
         names: dict[str, int] = {}
         range_path = np.array([names.setdefault(p, len(names)) for p, _ in self._ranges])
@@ -191,25 +162,18 @@ class _ValidateBatchFn(beam.DoFn):
             table["path"] = path_of.reshape(-1)
             table["start"] = range_start[used]
             files = [names_list[i] for i in paths.tolist()]
-            yield str(shard), (files, table.tobytes(), part.tobytes(), carried.pop(shard, []))
+            yield str(shard), (files, table.tobytes(), part.tobytes())
 
 
 class _DedupeShardFn(beam.DoFn):
-    """All copies of one shard's packet_ids -> per range, the offsets not to fold; the range
-    descriptors its slices carried; the dead letters of their invalid records."""
+    """All copies of one shard's packet_ids -> per range, the offsets not to fold."""
 
     def process(self, element: tuple[str, Iterable[Slice]]) -> Iterator:
         _, slices = element
         paths: list[str] = []
         range_paths, range_starts, arrays = [], [], []
         n_ranges = 0
-        rejected: list[tuple[Position, Rejected]] = []
-        for slice_paths, table, data, descriptors in slices:
-            for key, end, valid, invalid in descriptors:
-                yield key, (end, valid, _relative(r[0] for r in invalid))
-                if invalid:
-                    path, start = parse_range_key(key)
-                    rejected.extend(((path, start + r[0]), r) for r in invalid)
+        for slice_paths, table, data in slices:
             entries = np.frombuffer(data, dtype=ENTRY).copy()
             entries["range"] += n_ranges
             table = np.frombuffer(table, dtype=RANGE)
@@ -250,23 +214,11 @@ class _DedupeShardFn(beam.DoFn):
         counter("valid").inc(len(entries) - duplicates - conflicts)
         for key, offsets in drops.items():
             yield key, (DROPS, 0, _relative(offsets))
-        yield from _invalid_dead_letters(rejected)
-
-
-def _invalid_dead_letters(rejected: list[tuple[Position, Rejected]]) -> Iterator[TaggedOutput]:
-    """Dead letters of invalid records, their raw bytes read back from their positions."""
-    if not rejected:
-        return
-    records = fetch_records([at for at, _ in rejected])
-    for at, (_, reason, detail, packet_id) in rejected:
-        yield TaggedOutput(
-            DEAD_LETTERS, dead_letter(reason, detail, records[at], packet_id or None, at[0])
-        )
 
 
 class _ShuffleAndDedupe(beam.PTransform):
-    """Slices -> range parts (drop lists and descriptors: main) and dead letters, over
-    ``parts`` independent shuffles of the shards (see :func:`qis_beam.dedupe.parts_for`)."""
+    """Slices -> drops (main) and dead letters, over ``parts`` independent shuffles of the
+    shards (see :func:`qis_beam.dedupe.parts_for`)."""
 
     def __init__(self, parts: int):
         super().__init__()
@@ -303,11 +255,17 @@ class IngestBatches(beam.PTransform):
         self._parts = shuffle_parts
 
     def expand(self, batches):
-        slices = batches | "Validate" >> beam.ParDo(_ValidateBatchFn(self._policy, self._shards))
-        parts, dead = slices | "ShuffleByPacketId" >> _ShuffleAndDedupe(self._parts)
+        validated = batches | "Validate" >> beam.ParDo(
+            _ValidateBatchFn(self._policy, self._shards)
+        ).with_outputs(DEAD_LETTERS, RANGES, main="entries")
+        drops, dedupe_dead = validated.entries | "ShuffleByPacketId" >> _ShuffleAndDedupe(
+            self._parts
+        )
         ranges = (
-            parts
+            (validated[RANGES], drops)
+            | "RangesAndDrops" >> beam.Flatten()
             | "TypedRangeKey" >> beam.Map(lambda kv: kv).with_output_types(tuple[str, RangePart])
             | "GatherRanges" >> beam.GroupByKey()
         )
+        dead = (validated[DEAD_LETTERS], dedupe_dead) | "MergeDeadLetters" >> beam.Flatten()
         return ranges, dead
