@@ -200,6 +200,32 @@ def test_hot_key_fanout_gives_the_same_synthesis_as_none(tmp_path):
     assert_same_syntheses(outputs[0], expected_records(records, HOUR_MS))
 
 
+def test_ranges_held_and_folded_a_few_at_a_time_give_the_reference_synthesis(tmp_path, monkeypatch):
+    """The fold holds ranges until they cover SORTED_PACKETS, reads them in event-time order
+    and folds every FOLD_PACKETS: with both tiny, many groups and folds per bundle give the
+    same records as the packet-by-packet reference."""
+    from qis_beam.transforms import synthesize
+
+    monkeypatch.setattr(synthesize, "SORTED_PACKETS", 10)
+    monkeypatch.setattr(synthesize, "FOLD_PACKETS", 4)
+    groups = []
+    fold_held = synthesize._FoldRangesFn._fold_held
+
+    def counted(self):
+        groups.append(len(self._ranges))
+        yield from fold_held(self)
+
+    monkeypatch.setattr(synthesize._FoldRangesFn, "_fold_held", counted)
+    records = varied_records(60)
+    random.Random(7).shuffle(records)  # ranges then start at unordered event times
+    shards = {"packets-0.tfrecord": records[:30], "packets-1.tfrecord": records[30:]}
+    summary, output = backfill(tmp_path, shards, read_batch_size=4)
+    assert summary["valid"] == 60
+    assert len([n for n in groups if n]) >= 3
+    got = by_key(read_json_lines(output, "synthesis"))
+    assert_same_syntheses(got, expected_records(records, HOUR_MS))
+
+
 def test_hot_key_fanout_really_splits_the_merges(tmp_path):
     """The comparison above is not vacuous: with a fanout the merges go through Beam's
     hot-key pre-combine, without one they do not."""

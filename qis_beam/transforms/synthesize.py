@@ -94,12 +94,13 @@ class _FoldRangesFn(beam.DoFn):
     packets and at the end of the bundle, into partials keyed by (address, window) and by
     address: the pre-aggregation step of the merge after.
 
-    The ranges of a bundle are read at its end in the event-time order of their first
-    records, whatever order the shuffle delivered them in: on time-ordered logs each fold
-    then spans a few windows and emits fewer partials, whether the files are parallel shards
-    or consecutive periods. A range group is a few numbers and the offsets not to fold, so
-    holding a bundle's groups costs little; finding a range's first event time costs one
-    small read.
+    Range groups are held until they cover ``SORTED_PACKETS`` kept packets (or the bundle
+    ends), then read in the event-time order of their first records, whatever order the
+    shuffle delivered them in: on time-ordered logs each fold then spans a few windows and
+    emits fewer partials, whether the files are parallel shards or consecutive periods. A
+    range group is a few numbers and the offsets not to fold, so holding them costs little,
+    and work still keeps pace with the input (a runner that splits work, like Dataflow, sees
+    progress); finding a range's first event time costs one small read.
     """
 
     def __init__(self, windows: WindowSettings):
@@ -111,10 +112,11 @@ class _FoldRangesFn(beam.DoFn):
 
     def start_bundle(self) -> None:
         self._columns = PacketColumns(self._windows.bucket_ms)
-        # (path, start, end, offsets not to fold) of the bundle's ranges with kept packets
+        # (path, start, end, offsets not to fold) of held ranges with kept packets
         self._ranges: list[tuple[str, int, int, np.ndarray]] = []
+        self._held = 0  # their valid records
 
-    def process(self, element: tuple[str, Iterable[RangePart]]) -> None:
+    def process(self, element: tuple[str, Iterable[RangePart]]) -> Iterator[Partial]:
         key, parts = element
         path, start = parse_range_key(key)
         end, valid, skip = None, 0, []
@@ -125,15 +127,22 @@ class _FoldRangesFn(beam.DoFn):
         distribution("range_key_packets").update(valid)
         if end is not None and valid:
             self._ranges.append((path, start, end, np.concatenate(skip)))
+            self._held += valid
+            if self._held >= SORTED_PACKETS:
+                yield from self._fold_held()
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
+        yield from map(_global, self._fold_held())
+        yield from map(_global, self._fold())
+
+    def _fold_held(self) -> Iterator[Partial]:
+        """Read the held ranges in event-time order, folding every ``FOLD_PACKETS``."""
         self._ranges.sort(key=_first_event_order)
         for path, start, end, skip in self._ranges:
             self._add_range(path, start, end, skip)
             if len(self._columns) >= FOLD_PACKETS:
-                yield from map(_global, self._fold())
-        self._ranges = []
-        yield from map(_global, self._fold())
+                yield from self._fold()
+        self._ranges, self._held = [], 0
 
     def _add_range(self, path: str, start: int, end: int, skip: np.ndarray) -> None:
         data = read_range(path, start, end)
@@ -183,6 +192,7 @@ def _global(value) -> WindowedValue:
 
 
 FOLD_PACKETS = 1 << 20
+SORTED_PACKETS = 4 * FOLD_PACKETS
 
 
 def window_key(address: str, bounds: tuple[int, int]) -> str:
