@@ -94,7 +94,7 @@ class _FoldRangesFn(beam.DoFn):
     packets and at the end of the bundle, into partials keyed by (address, window) and by
     address: the pre-aggregation step of the merge after.
 
-    Range groups are held until they cover ``SORTED_PACKETS`` kept packets (or the bundle
+    Range groups are held until they cover ``SORTED_PACKETS`` valid records (or the bundle
     ends), then read in the event-time order of their first records, whatever order the
     shuffle delivered them in: on time-ordered logs each fold then spans a few windows and
     emits fewer partials, whether the files are parallel shards or consecutive periods. A
