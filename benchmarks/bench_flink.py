@@ -83,13 +83,25 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
-def _cpu_times() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine."""
+def _cpu_times() -> tuple[int, int, int, int]:
+    """(busy, total, iowait, steal) jiffies of the whole machine."""
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
     total = sum(fields[:8])
-    return total - idle, total
+    return total - idle, total, fields[4], fields[7]
+
+
+def _stalls() -> dict[str, float]:
+    """Seconds some task of the machine stalled on CPU, I/O and memory (Linux PSI; empty
+    where the kernel has none): what tells a slow round on a shared VM from a slow job."""
+    out: dict[str, float] = {}
+    for resource in ("cpu", "io", "memory"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/pressure/{resource}") as f:
+                some = f.readline().split()  # some avg10=.. avg60=.. avg300=.. total=<us>
+            out[resource] = int(some[4].partition("=")[2]) / 1e6
+    return out
 
 
 def proc_cpu_s(pid: int | None) -> float:
@@ -131,15 +143,25 @@ class Meter:
 
     def __init__(self):
         self.load_before = load1()
-        self.busy0, self.total0 = _cpu_times()
+        self.busy0, self.total0, self.iowait0, self.steal0 = _cpu_times()
+        self.stalls0 = _stalls()
 
     def stop(self) -> dict:
-        busy, total = _cpu_times()
+        busy, total, iowait, steal = _cpu_times()
+        span = max(1, total - self.total0)
+        stalls = _stalls()
         return {
             "load1_before": round(self.load_before, 2),
             "load1_after": round(load1(), 2),
             # share of both cores busy (all processes on the machine) during the run
-            "machine_busy": round((busy - self.busy0) / max(1, total - self.total0), 3),
+            "machine_busy": round((busy - self.busy0) / span, 3),
+            "machine_iowait": round((iowait - self.iowait0) / span, 3),
+            "machine_steal": round((steal - self.steal0) / span, 3),
+            **{
+                f"{k}_stall_s": round(v - self.stalls0[k], 1)
+                for k, v in stalls.items()
+                if k in self.stalls0
+            },
         }
 
 
@@ -611,7 +633,14 @@ def describe(r: dict, records: int) -> str:
     parts.append(
         f"load {r['load1_before']:.1f}->{r['load1_after']:.1f}, "
         f"machine {100 * r['machine_busy']:.0f}% busy"
+        + (f", {100 * r['machine_iowait']:.0f}% iowait" if "machine_iowait" in r else "")
+        + (f", {100 * r['machine_steal']:.0f}% steal" if "machine_steal" in r else "")
     )
+    stalls = [
+        f"{k} {r[f'{k}_stall_s']:.0f}" for k in ("cpu", "io", "memory") if f"{k}_stall_s" in r
+    ]
+    if stalls:
+        parts.append("stalled s: " + ", ".join(stalls))
     if "probe_s" in r:
         parts.append(f"CPU probe {1000 * r['probe_s']:.0f} ms")
     return "; ".join(parts)
