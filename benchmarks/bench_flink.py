@@ -617,6 +617,19 @@ def summary_counts(output: Path) -> dict:
     return {}
 
 
+def machine_figures(r: dict) -> str:
+    """The machine during a run (a :class:`Meter`'s figures), for its printed line."""
+    line = (
+        f"load {r['load1_before']:.1f}->{r['load1_after']:.1f}, "
+        f"machine {100 * r['machine_busy']:.0f}% busy, {100 * r['machine_iowait']:.0f}% "
+        f"iowait, {100 * r['machine_steal']:.0f}% steal"
+    )
+    stalls = [
+        f"{k} {r[f'{k}_stall_s']:.0f}" for k in ("cpu", "io", "memory") if f"{k}_stall_s" in r
+    ]
+    return line + ("; stalled s: " + ", ".join(stalls) if stalls else "")
+
+
 def describe(r: dict, records: int) -> str:
     rate_wall = records / r["wall_s"]
     parts = [f"wall {r['wall_s']:.1f}s ({rate_wall:,.0f} rec/s)"]
@@ -630,17 +643,7 @@ def describe(r: dict, records: int) -> str:
         if key in r:
             cpu.append(f"{key[:-6].replace('_', ' ')} {r[key]:.0f}")
     parts.append("CPU s: " + ", ".join(cpu))
-    parts.append(
-        f"load {r['load1_before']:.1f}->{r['load1_after']:.1f}, "
-        f"machine {100 * r['machine_busy']:.0f}% busy"
-        + (f", {100 * r['machine_iowait']:.0f}% iowait" if "machine_iowait" in r else "")
-        + (f", {100 * r['machine_steal']:.0f}% steal" if "machine_steal" in r else "")
-    )
-    stalls = [
-        f"{k} {r[f'{k}_stall_s']:.0f}" for k in ("cpu", "io", "memory") if f"{k}_stall_s" in r
-    ]
-    if stalls:
-        parts.append("stalled s: " + ", ".join(stalls))
+    parts.append(machine_figures(r))
     if "probe_s" in r:
         parts.append(f"CPU probe {1000 * r['probe_s']:.0f} ms")
     return "; ".join(parts)
@@ -961,11 +964,7 @@ def print_stream(r: dict) -> None:
         for k in ("launcher_cpu_s", "sdk_workers_cpu_s", "taskmanager_cpu_s")
         if k in r
     )
-    print(
-        f"    CPU s: {cpu}; load {r['load1_before']:.1f}->{r['load1_after']:.1f}, "
-        f"machine {100 * r['machine_busy']:.0f}% busy",
-        flush=True,
-    )
+    print(f"    CPU s: {cpu}; {machine_figures(r)}", flush=True)
 
 
 def summarize_stream(report: dict) -> None:
