@@ -62,8 +62,8 @@ def flink_config(state: Path, rest_port: int, rpc_port: int, shipped: dict) -> d
             # 3 GB: with 2.5 GB (a 461-MiB heap) a 12M-record backfill at parallelism 2, in a
             # slow-disk phase, ran the heap out in a gRPC thread parsing SDK worker output.
             "taskmanager.memory.process.size": "3072m",
-            # That OutOfMemoryError was uncaught: the job neither failed nor went on. Exiting
-            # the TaskManager makes such an error fail the job instead of hanging it.
+            # That OutOfMemoryError was uncaught: the job neither failed nor went on. Now an
+            # uncaught error exits its JVM (TaskManager or JobManager): the job fails instead.
             "cluster.uncaught-exception-handling": "FAIL",
             # gRPC to the SDK workers allocates direct (off-heap) buffers; with only the
             # framework's 128 MB a 4M-packet backfill failed with "OutOfMemoryError: Direct
