@@ -163,13 +163,17 @@ def decide(
     return verdict
 
 
-TARGET_ENTRIES_PER_SHARD = 2048
+# Each validation flush is cut into one slice per shard, so a backfill shuffles about
+# (records / flush) x shards slices: with 2048 entries a shard, a 12M-record input made 8192
+# shards, slices of ~30 entries, and 375k shuffled elements that cost Flink more than the
+# entries in them. 16k entries (~400 KB) is still little work per key.
+TARGET_ENTRIES_PER_SHARD = 16384
 MIN_SHARDS = 512  # no shard holds much more than 1/512 of the packets, whatever the size
 MAX_SHARDS = 1 << 20
 
 
 def shards_for(records: int, minimum: int = 1) -> int:
-    """Dedupe shards: a power of two, so that a shard holds about 2048 entries (bounded work
+    """Dedupe shards: a power of two, so that a shard holds about 16k entries (bounded work
     per key, thousands of keys on big inputs) and never much more than 1/512 of all packets;
     at least ``minimum`` (``--dedupe-shards``), at most 2**20."""
     wanted = max(minimum, -(-records // TARGET_ENTRIES_PER_SHARD), MIN_SHARDS)
