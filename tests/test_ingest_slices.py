@@ -19,6 +19,11 @@ ranges_strategy = st.lists(
 )
 
 
+def _fields(entry) -> tuple[int, int, int]:
+    """What a slice must carry unchanged: packet_id prefix, payload digest, offset."""
+    return int(entry["id"]), int(entry["digest"]), int(entry["rel"])
+
+
 def _buffered(shards: int, ranges: list[tuple[int, int, int]], seed: int):
     """A validation DoFn holding these ranges' entries, and what each entry must become."""
     rng = np.random.default_rng(seed)
@@ -36,7 +41,7 @@ def _buffered(shards: int, ranges: list[tuple[int, int, int]], seed: int):
         fn._pending.append(entries)
         for entry, shard in zip(entries, shard_of(entries, shards).tolist(), strict=True):
             where = (f"packets-{file}.tfrecord", start)
-            expected.append((str(shard), where, int(entry["id"]), int(entry["rel"])))
+            expected.append((str(shard), where, *_fields(entry)))
     return fn, expected
 
 
@@ -57,7 +62,7 @@ def test_every_entry_reaches_its_shard_once_with_its_range(shards, ranges, seed)
         for entry in entries:
             row = rows[entry["range"]]
             where = (files[row["path"]], int(row["start"]))
-            got.append((key, where, int(entry["id"]), int(entry["rel"])))
+            got.append((key, where, *_fields(entry)))
     assert len(keys) == len(set(keys))  # one slice per shard
     assert sorted(got) == sorted(expected)
     assert fn._pending == [] and fn._ranges == []
