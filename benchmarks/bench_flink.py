@@ -31,6 +31,9 @@ how busy the machine was (both cores, all processes) and a fixed Python loop's t
 machine's speed at that moment) are printed next to each figure. ``--runs`` are rounds of one
 run per parallelism, so p1 and p2 run side by side in time (this machine's speed drifts by a
 quarter within minutes); each round's p1/p2 job-time ratio and their median are printed.
+Each round also starts with the reference for that ratio (:func:`pair_probe`): how much faster
+two processes side by side get through a pure-Python loop than one alone, on this machine,
+then. The ratio is printed as a share of it too.
 
 stream: per size, a swarm with recent event times (same 2 h span, 1000 nodes, 1000 zipf
 addresses) is published to its own Kafka topic, then ``qis-beam run --source kafka`` on
@@ -662,6 +665,31 @@ def cpu_probe(loops: int = 2_000_000) -> float:
     return best
 
 
+def _loop_seconds(loops: int) -> float:
+    start = time.perf_counter()
+    total = 0
+    for i in range(loops):
+        total += i & 7
+    return time.perf_counter() - start
+
+
+def pair_probe(loops: int = 20_000_000, repeats: int = 4) -> dict:
+    """The machine's own two-process speedup, the reference for p2 / p1: the same pure-Python
+    loop in one process alone, then in two processes side by side, interleaved ``repeats``
+    times. On a machine whose two cores are free and independent it is 2.0x; here two busy
+    vCPUs each run slower than one alone, and no parallelism-2 job can beat that."""
+    import multiprocessing
+
+    alone, pair = [], []
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.map(_loop_seconds, [1000, 1000])  # both workers up before anything is timed
+        for _ in range(repeats):
+            alone.append(pool.apply(_loop_seconds, (loops,)))
+            pair.extend(pool.map(_loop_seconds, [loops, loops], chunksize=1))
+    a, b = statistics.mean(alone), statistics.mean(pair)
+    return {"alone_s": round(a, 3), "pair_s": round(b, 3), "speedup": round(2 * a / b, 3)}
+
+
 def bench_backfill(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="qis-flink-bench-"))
     logs = Path(args.work_dir)
@@ -731,6 +759,16 @@ def bench_backfill(args) -> dict:
             # Rounds of one run per parallelism: this machine's speed drifts by a quarter
             # within minutes, so p1 and p2 run side by side in time, not one block each.
             for run in range(args.runs):
+                if {1, 2} <= set(parallelisms):
+                    machine = pair_probe()
+                    machine["round"] = run
+                    report.setdefault("machine_pairs", []).append(machine)
+                    print(
+                        f"  machine, round {run + 1}: a Python loop {machine['alone_s']:.2f}s "
+                        f"alone, {machine['pair_s']:.2f}s in each of two side by side: "
+                        f"{machine['speedup']:.2f}x for two processes",
+                        flush=True,
+                    )
                 for p in parallelisms:
                     r = flink_run(p, f"flink-p{p}-{run}", pattern)
                     r["round"] = run
@@ -786,6 +824,17 @@ def summarize_backfill(report: dict, records: int) -> None:
                 f"median {statistics.median(rounds):.2f}x"
             )
             report["p2_over_p1_rounds"] = rounds
+            pairs = [m["speedup"] for m in report.get("machine_pairs", [])]
+            if len(pairs) == len(rounds):
+                shares = [r / m for r, m in zip(rounds, pairs, strict=True)]
+                print(
+                    f"  the machine's two-process speedup, same rounds: "
+                    f"{', '.join(f'{m:.2f}x' for m in pairs)}; median "
+                    f"{statistics.median(pairs):.2f}x. p2 / p1 as a share of it: "
+                    f"{', '.join(f'{x:.0%}' for x in shares)}; median "
+                    f"{statistics.median(shares):.0%}"
+                )
+                report["p2_over_p1_share_of_machine"] = shares
         if 1 in marginal and 2 in marginal:
             m = max(marginal[2]) / max(marginal[1])
             print(f"  p2 / p1 (best marginal rates): {m:.2f}x")
