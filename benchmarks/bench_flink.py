@@ -655,17 +655,11 @@ def describe(r: dict, records: int) -> str:
 def cpu_probe(loops: int = 2_000_000) -> float:
     """Seconds of a fixed pure-Python loop, the best of three: how fast this (shared, drifting)
     machine runs Python right now, printed beside each run to tell its speed from the job's."""
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        total = 0
-        for i in range(loops):
-            total += i & 7
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(_loop_seconds(loops) for _ in range(3))
 
 
 def _loop_seconds(loops: int) -> float:
+    """Seconds of a fixed pure-Python loop (the probes' workload)."""
     start = time.perf_counter()
     total = 0
     for i in range(loops):
