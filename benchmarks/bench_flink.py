@@ -64,6 +64,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -670,10 +671,8 @@ def _loop_seconds(loops: int) -> float:
 def pair_probe(loops: int = 20_000_000, repeats: int = 4) -> dict:
     """The machine's own two-process speedup, the reference for p2 / p1: the same pure-Python
     loop in one process alone, then in two processes side by side, interleaved ``repeats``
-    times. On a machine whose two cores are free and independent it is 2.0x; here two busy
-    vCPUs each run slower than one alone, and no parallelism-2 job can beat that."""
-    import multiprocessing
-
+    times. Two free, independent cores give 2.0x; where two busy vCPUs each run slower than
+    one alone, no parallelism-2 job can do better than this."""
     alone, pair = [], []
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         pool.map(_loop_seconds, [1000, 1000])  # both workers up before anything is timed
