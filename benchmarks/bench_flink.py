@@ -31,9 +31,10 @@ how busy the machine was (both cores, all processes) and a fixed Python loop's t
 machine's speed at that moment) are printed next to each figure. ``--runs`` are rounds of one
 run per parallelism, so p1 and p2 run side by side in time (this machine's speed drifts by a
 quarter within minutes); each round's p1/p2 job-time ratio and their median are printed.
-Each round also starts with the reference for that ratio (:func:`pair_probe`): how much faster
-two processes side by side get through a pure-Python loop than one alone, on this machine,
-then. The ratio is printed as a share of it too.
+Each round also starts with the references for that ratio: how much faster two processes side
+by side get through a pure-Python loop than one alone (:func:`pair_probe`), and through the
+pipeline's own validation and fold kernels over the first records of the input
+(:func:`workload_pair_probe`), on this machine, then. The ratio is printed as a share of each.
 
 stream: per size, a swarm with recent event times (same 2 h span, 1000 nodes, 1000 zipf
 addresses) is published to its own Kafka topic, then ``qis-beam run --source kafka`` on
@@ -74,6 +75,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 HOUR_MS = 3_600_000
@@ -673,12 +675,79 @@ def pair_probe(loops: int = 20_000_000, repeats: int = 4) -> dict:
     loop in one process alone, then in two processes side by side, interleaved ``repeats``
     times. Two free, independent cores give 2.0x; where two busy vCPUs each run slower than
     one alone, no parallelism-2 job can do better than this."""
+    return _pair(_loop_seconds, (loops,), repeats)
+
+
+# The workload probe's input, read once per probe process (its reading is not timed).
+_WORKLOAD: list[tuple[bytes, object, object]] = []
+
+
+def _load_workload(pattern: str, records: int) -> None:
+    """About ``records / files`` records from the start of each log file (whole runs)."""
+    import glob
+
+    import numpy as np
+
+    from qis_beam.positions import HEADER_BYTES, iter_runs, open_log
+
+    files = sorted(glob.glob(pattern))
+    for path in files:
+        taken = 0
+        with open_log(path) as handle:
+            for _, data, offsets, lengths in iter_runs(handle, 16384, 64 << 20):
+                at = np.asarray(offsets, dtype=np.int64) + HEADER_BYTES
+                _WORKLOAD.append((data, at, at + np.asarray(lengths, dtype=np.int64)))
+                taken += len(offsets)
+                if taken >= records // len(files):
+                    break
+
+
+def _workload_seconds(pattern: str, records: int) -> float:
+    """Seconds of the pipeline's two heaviest kernels over about ``records`` packets of the log:
+    validation's column checks (:func:`~qis_beam.validation.validate_many`), then the fold's
+    column pass, fold and encoded partials (:class:`~qis_beam.partials.PacketColumns`)."""
+    from qis_beam.partials import PacketColumns
+    from qis_beam.validation import ValidationPolicy, validate_many
+    from qis_beam.wire import scan_records
+
+    if not _WORKLOAD:
+        _load_workload(pattern, records)
+    policy = ValidationPolicy(allow_unsigned=True)
+    start = time.perf_counter()
+    columns = PacketColumns(HOUR_MS)
+    for data, starts, ends in _WORKLOAD:
+        valid = validate_many(data, starts, ends, policy, policy.clock_ms()).valid
+        s, e = starts[valid], ends[valid]
+        columns.add_scanned(scan_records(data, s, e), partial(_payload_at, data, s, e))
+    windowed, all_time = columns.fold()
+    for synthesis in [*windowed.values(), *all_time.values()]:
+        synthesis.to_bytes()
+    return time.perf_counter() - start
+
+
+def _payload_at(data: bytes, starts, ends, row: int) -> bytes:
+    from qis_beam.wire import payload_of
+
+    return payload_of(data[starts[row] : ends[row]])
+
+
+def workload_pair_probe(pattern: str, records: int = 400_000, repeats: int = 4) -> dict:
+    """:func:`pair_probe` with the pipeline's own kernels on this input instead of a loop
+    (:func:`_workload_seconds`): numpy over large columns, dicts of many partials. Where two
+    such processes slow each other down (shared cache, memory bandwidth, the host), this is
+    the bound a parallelism-2 job meets, however well its stages split."""
+    return _pair(_workload_seconds, (pattern, records), repeats)
+
+
+def _pair(fn, args: tuple, repeats: int) -> dict:
+    """``fn(*args)`` in one process alone, then in two side by side, ``repeats`` times
+    interleaved; both workers run it once untimed first (imports, input, warm memory)."""
     alone, pair = [], []
     with multiprocessing.get_context("spawn").Pool(2) as pool:
-        pool.map(_loop_seconds, [1000, 1000])  # both workers up before anything is timed
+        pool.starmap(fn, [args, args], chunksize=1)
         for _ in range(repeats):
-            alone.append(pool.apply(_loop_seconds, (loops,)))
-            pair.extend(pool.map(_loop_seconds, [loops, loops], chunksize=1))
+            alone.append(pool.apply(fn, args))
+            pair.extend(pool.starmap(fn, [args, args], chunksize=1))
     a, b = statistics.mean(alone), statistics.mean(pair)
     return {"alone_s": round(a, 3), "pair_s": round(b, 3), "speedup": round(2 * a / b, 3)}
 
@@ -754,12 +823,16 @@ def bench_backfill(args) -> dict:
             for run in range(args.runs):
                 if {1, 2} <= set(parallelisms):
                     machine = pair_probe()
-                    machine["round"] = run
+                    kernels = workload_pair_probe(pattern)
+                    machine["round"] = kernels["round"] = run
                     report.setdefault("machine_pairs", []).append(machine)
+                    report.setdefault("workload_pairs", []).append(kernels)
                     print(
-                        f"  machine, round {run + 1}: a Python loop {machine['alone_s']:.2f}s "
-                        f"alone, {machine['pair_s']:.2f}s in each of two side by side: "
-                        f"{machine['speedup']:.2f}x for two processes",
+                        f"  machine, round {run + 1}: two processes side by side each run "
+                        f"a Python loop in {machine['pair_s']:.2f}s (alone "
+                        f"{machine['alone_s']:.2f}s: {machine['speedup']:.2f}x for two) and "
+                        f"the pipeline's kernels in {kernels['pair_s']:.2f}s (alone "
+                        f"{kernels['alone_s']:.2f}s: {kernels['speedup']:.2f}x)",
                         flush=True,
                     )
                 for p in parallelisms:
@@ -817,17 +890,19 @@ def summarize_backfill(report: dict, records: int) -> None:
                 f"median {statistics.median(rounds):.2f}x"
             )
             report["p2_over_p1_rounds"] = rounds
-            pairs = [m["speedup"] for m in report.get("machine_pairs", [])]
-            if len(pairs) == len(rounds):
+            for key, what in (("machine", "a Python loop"), ("workload", "the kernels")):
+                pairs = [m["speedup"] for m in report.get(f"{key}_pairs", [])]
+                if len(pairs) != len(rounds):
+                    continue
                 shares = [r / m for r, m in zip(rounds, pairs, strict=True)]
                 print(
-                    f"  the machine's two-process speedup, same rounds: "
+                    f"  two processes against one, {what}, same rounds: "
                     f"{', '.join(f'{m:.2f}x' for m in pairs)}; median "
                     f"{statistics.median(pairs):.2f}x. p2 / p1 as a share of it: "
                     f"{', '.join(f'{x:.0%}' for x in shares)}; median "
                     f"{statistics.median(shares):.0%}"
                 )
-                report["p2_over_p1_share_of_machine"] = shares
+                report[f"p2_over_p1_share_of_{key}"] = shares
         if 1 in marginal and 2 in marginal:
             m = max(marginal[2]) / max(marginal[1])
             print(f"  p2 / p1 (best marginal rates): {m:.2f}x")
