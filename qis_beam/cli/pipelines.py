@@ -57,15 +57,21 @@ def cmd_backfill(args, beam_args) -> int:
     from qis_beam.jobs import pipeline_options, run_job
     from qis_beam.pipelines.backfill import build_backfill
     from qis_beam.progress import Progress, wanted
+    from qis_beam.runners.sizing import flink_backfill_parallelism
 
+    explicit_parallelism = any(a.split("=")[0] == "--parallelism" for a in beam_args)
     beam_args = resolve_beam_args(args.profile, beam_args, streaming=False)
     files = match_input(args.input)
     run_settings = settings(args, table.BACKFILL)
     options = pipeline_options(beam_args, default_runner="FnApiRunner")
+    input_bytes = sum(m.size_in_bytes for m in files)
+    sizing = flink_backfill_parallelism(options, input_bytes, explicit_parallelism)
+    if sizing:
+        print(f"backfill: {sizing}", file=sys.stderr)
     # In-process runners (FnApiRunner by default) read in this process: the read step
     # reports to the bar; elsewhere the hook is simply not installed.
     with Progress(enabled=wanted(args.quiet)) as progress:
-        progress.stage("backfill: read", total=sum(m.size_in_bytes for m in files))
+        progress.stage("backfill: read", total=input_bytes)
         summary = run_job(
             lambda p: build_backfill(p, args.input, args.output, run_settings, args.bigquery_table),
             args.output,

@@ -60,7 +60,8 @@ def flink_config(state: Path, rest_port: int, rpc_port: int, shipped: dict) -> d
             # Modest memory: the machine is shared with Kafka, the emulator and tests.
             "jobmanager.memory.process.size": "1024m",
             # 3 GB: with 2.5 GB (a 461-MiB heap) a 12M-record backfill at parallelism 2, in a
-            # slow-disk phase, ran the heap out in a gRPC thread parsing SDK worker output.
+            # slow-disk phase, ran the heap out in a gRPC thread parsing SDK worker output. The
+            # heap holds a subtask's whole stage output (runners/sizing.py sizes batch jobs).
             "taskmanager.memory.process.size": "3072m",
             # That OutOfMemoryError was uncaught: the job neither failed nor went on. Now an
             # uncaught error exits its JVM (TaskManager or JobManager): the job fails instead.

@@ -1,0 +1,92 @@
+"""A Flink batch backfill's parallelism is sized from its input (runners/sizing.py).
+
+The limit it guards (a TaskManager holding a subtask's whole stage output) was measured on the
+local stack, not here: a test cannot spend the minutes and gigabytes it takes. These tests
+check the rule and that ``backfill`` applies it before the job is built.
+"""
+
+from __future__ import annotations
+
+import pytest
+from apache_beam.options.pipeline_options import FlinkRunnerOptions, PipelineOptions
+
+from qis_beam.cli import main
+from qis_beam.positions import ASSUMED_RECORD_BYTES
+from qis_beam.runners import sizing
+from qis_beam.runners.sizing import RECORDS_PER_SUBTASK, flink_backfill_parallelism
+
+FLINK = ["--runner=FlinkRunner", "--flink_master=127.0.0.1:1"]
+
+
+def bytes_for(records: int) -> int:
+    return records * ASSUMED_RECORD_BYTES
+
+
+def parallelism(options: PipelineOptions) -> int:
+    return options.view_as(FlinkRunnerOptions).parallelism
+
+
+def test_a_large_input_raises_the_profiles_parallelism():
+    options = PipelineOptions([*FLINK, "--parallelism=2"])
+    note = flink_backfill_parallelism(options, bytes_for(5 * RECORDS_PER_SUBTASK + 1), False)
+    assert parallelism(options) == 6
+    assert note is not None and "--parallelism=6" in note
+
+
+def test_an_unset_parallelism_is_raised_too():
+    options = PipelineOptions(FLINK)
+    flink_backfill_parallelism(options, bytes_for(3 * RECORDS_PER_SUBTASK), False)
+    assert parallelism(options) == 3
+
+
+def test_an_explicit_parallelism_stays_and_gets_a_warning():
+    options = PipelineOptions([*FLINK, "--parallelism=1"])
+    note = flink_backfill_parallelism(options, bytes_for(2 * RECORDS_PER_SUBTASK + 1), True)
+    assert parallelism(options) == 1
+    assert note is not None and note.startswith("warning:") and "--parallelism=3" in note
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_enough_parallelism_is_left_alone(explicit):
+    options = PipelineOptions([*FLINK, "--parallelism=2"])
+    assert flink_backfill_parallelism(options, bytes_for(2 * RECORDS_PER_SUBTASK), explicit) is None
+    assert parallelism(options) == 2
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--runner=FnApiRunner"],
+        ["--runner=DataflowRunner"],
+        [*FLINK, "--streaming"],
+    ],
+)
+def test_other_runners_and_streaming_are_left_alone(args):
+    options = PipelineOptions([*args, "--parallelism=1"])
+    assert flink_backfill_parallelism(options, bytes_for(10 * RECORDS_PER_SUBTASK), False) is None
+    assert parallelism(options) == 1
+
+
+@pytest.mark.parametrize(
+    "given, expected, warns",
+    [([], 4, False), (["--parallelism=2"], 2, True), (["--parallelism", "5"], 5, False)],
+)
+def test_backfill_sizes_flink_before_the_job(given, expected, warns, tmp_path, monkeypatch, capsys):
+    """The CLI's wiring: the user's own ``--parallelism`` counts as explicit (either form),
+    the profile's does not; the job gets the sized options. Nothing is submitted."""
+    log = tmp_path / "packets-0.tfrecord"
+    log.write_bytes(b"\0" * 4000)  # ~20 records by the estimate
+    monkeypatch.setattr(sizing, "RECORDS_PER_SUBTASK", 5)
+    submitted = []
+
+    def run_job(build, output, options, store_url=None):
+        submitted.append(options)
+        return {"dry_run": True, "runner": "FlinkRunner", "job_type": "batch", "transforms": 0}
+
+    monkeypatch.setattr("qis_beam.jobs.run_job", run_job)
+    argv = ["backfill", "--input", str(log), "--output", str(tmp_path / "out"), "--quiet"]
+    assert main([*argv, "--profile", "flink", *given]) == 0
+    assert parallelism(submitted[0]) == expected
+    err = capsys.readouterr().err
+    assert ("warning:" in err) == warns
+    assert ("--parallelism=4" in err) == (expected == 4 or warns)
