@@ -1,16 +1,16 @@
 """The parallelism a Flink batch backfill needs so that no TaskManager runs out of heap.
 
-Beam's Flink batch runner (2.62) runs a subtask's whole partition as one bundle, and
-``SdkHarnessClient.ActiveBundle.close()`` drains the bundle's output only after the SDK worker
-has finished it: until then the output waits in the TaskManager's heap (a queue of 100
-messages of up to 10 MB) and in the SDK worker's send queues (2 x 100 MB). Validation emits
+Beam's Flink batch runner (the job server's Beam 2.62) runs a subtask's whole partition as one
+bundle, and ``SdkHarnessClient.ActiveBundle.close()`` drains the bundle's output only after the
+SDK worker has finished it: until then the output waits in the TaskManager's heap (a queue of
+100 messages of up to 10 MB) and in the SDK worker's send queues (2 x 100 MB). Validation emits
 ~28 bytes per record (the dedupe's entries and the range descriptors), so the records one
 subtask reads bound what its TaskManager must hold at once, whatever the parallelism.
 
 Measured on the local stack (a TaskManager with a 738-MiB heap and two slots): a backfill of
 24M records at parallelism 1 passed with the old generation full; 36M records ran the heap
 out (``OutOfMemoryError`` in a gRPC thread parsing the SDK worker's output); the same 36M at
-parallelism 8, two subtasks at a time on the two slots, passed.
+parallelism 8 and at the 6 this module picks, two subtasks at a time on the two slots, passed.
 """
 
 from __future__ import annotations

@@ -46,25 +46,21 @@ def test_an_explicit_parallelism_stays_and_gets_a_warning():
     assert note is not None and note.startswith("warning:") and "--parallelism=3" in note
 
 
-@pytest.mark.parametrize("explicit", [False, True])
-def test_enough_parallelism_is_left_alone(explicit):
-    options = PipelineOptions([*FLINK, "--parallelism=2"])
-    assert flink_backfill_parallelism(options, bytes_for(2 * RECORDS_PER_SUBTASK), explicit) is None
-    assert parallelism(options) == 2
-
-
 @pytest.mark.parametrize(
-    "args",
+    "args, records, explicit",
     [
-        ["--runner=FnApiRunner"],
-        ["--runner=DataflowRunner"],
-        [*FLINK, "--streaming"],
+        ([*FLINK, "--parallelism=2"], 2 * RECORDS_PER_SUBTASK, False),  # enough already
+        ([*FLINK, "--parallelism=2"], 2 * RECORDS_PER_SUBTASK, True),
+        (["--runner=FnApiRunner", "--parallelism=2"], 10 * RECORDS_PER_SUBTASK, False),
+        (["--runner=DataflowRunner", "--parallelism=2"], 10 * RECORDS_PER_SUBTASK, False),
+        ([*FLINK, "--streaming", "--parallelism=2"], 10 * RECORDS_PER_SUBTASK, False),
     ],
 )
-def test_other_runners_and_streaming_are_left_alone(args):
-    options = PipelineOptions([*args, "--parallelism=1"])
-    assert flink_backfill_parallelism(options, bytes_for(10 * RECORDS_PER_SUBTASK), False) is None
-    assert parallelism(options) == 1
+def test_left_alone(args, records, explicit):
+    """Enough parallelism, other runners and streaming jobs: no change, nothing to say."""
+    options = PipelineOptions(args)
+    assert flink_backfill_parallelism(options, bytes_for(records), explicit) is None
+    assert parallelism(options) == 2
 
 
 @pytest.mark.parametrize(
