@@ -19,6 +19,7 @@ the recovery test joins the session's cluster record, so the session's ``stack.d
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -485,7 +486,14 @@ def test_the_kafka_job_survives_a_killed_taskmanager(
         # Offsets are committed when a checkpoint completes: one did, after A was read.
         if not kafka_helpers.wait_committed(scenario, a_ends, process, timeout=400):
             kafka_helpers.dump_stacks(process)  # where the reader waits, into run.log
-            pytest.fail(f"phase A was never committed; stacks in {tmp_path / 'run.log'}")
+            jstacks = tmp_path / "taskmanager.jstack"  # and where the runner's operators wait
+            for proc in stack.status(state_dir)["flink"].procs:
+                if proc.role.startswith("taskmanager"):
+                    with jstacks.open("a") as out, contextlib.suppress(OSError):
+                        subprocess.run(["jstack", str(proc.pid)], stdout=out, check=False)
+            pytest.fail(
+                f"phase A was never committed; stacks in {tmp_path / 'run.log'} and {jstacks}"
+            )
         measured["a_committed_s"] = round(time.monotonic() - started, 1)
         # B is read and reaches the store, with luck before the next checkpoint: what the
         # restored job reads again was then already written once.
