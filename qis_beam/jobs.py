@@ -93,6 +93,12 @@ def external_loader(output_dir: str, store_url: str | None) -> Callable[[dict], 
     return load
 
 
+def is_flink(options: PipelineOptions) -> bool:
+    """``--runner`` names Beam's FlinkRunner (``FlinkRunner``, ``flink`` or its class path)."""
+    runner = options.view_as(StandardOptions).runner or ""
+    return runner.rsplit(".", 1)[-1].lower() in ("flinkrunner", "flink")
+
+
 def is_dataflow(options: PipelineOptions) -> bool:
     return (options.view_as(StandardOptions).runner or "").lower() in ("dataflowrunner", "dataflow")
 

@@ -21,6 +21,7 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
+from qis_beam.jobs import is_flink
 from qis_beam.positions import estimated_records
 
 #: Records a Flink batch subtask reads at most: ~220 MB of validation output in the
@@ -35,8 +36,7 @@ def flink_backfill_parallelism(
     records (estimated from ``input_bytes``), and return the line that says so. A
     ``--parallelism`` the user gave (``explicit``) is kept; a too-small one gets a warning.
     Other runners and streaming jobs are left alone (``None``)."""
-    runner = (options.view_as(StandardOptions).runner or "").lower()
-    if runner not in ("flinkrunner", "flink") or options.view_as(StandardOptions).streaming:
+    if not is_flink(options) or options.view_as(StandardOptions).streaming:
         return None
     flink = options.view_as(FlinkRunnerOptions)
     records = estimated_records(input_bytes)

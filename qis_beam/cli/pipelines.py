@@ -149,12 +149,11 @@ def _refuse_a_bounded_run_on_flink(options, source) -> None:
     dropped (measured: a 20k-packet topic, 10 s, read 5,000 records). On Flink a Kafka job
     runs unbounded and is stopped (cancel, or stop with drain); bounded input is a backfill.
     """
-    from apache_beam.options.pipeline_options import StandardOptions
+    from qis_beam.jobs import is_flink
 
     if source.kind != "kafka" or source.kafka_stop_when_idle_ms is None:
         return
-    runner = options.view_as(StandardOptions).runner or ""
-    if runner.rsplit(".", 1)[-1].lower() in ("flinkrunner", "flink"):
+    if is_flink(options):
         raise UsageError(
             "--kafka-stop-when-idle cannot end a job on the FlinkRunner without losing "
             "records (Flink's idle-source shutdown ends the stream before the reader has "
