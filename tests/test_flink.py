@@ -7,6 +7,7 @@ stack's SDK worker pool, the streaming jobs' in the LOOPBACK harness.
 * ``qis-beam run --source kafka`` on Flink: the scenario of tests/kafka_helpers.py (shared with
   the Prism tests) -- live records -> Kafka -> run on Flink -> PostgreSQL -> ``qis-beam serve``
   -> client -- equals the backfill of the same packets.
+* A checkpoint barrier inside the Kafka read's first bundle does not stall the job.
 * Recovery: the TaskManager JVM is SIGKILLed while the Kafka job runs with checkpoints, a new
   one is started, publishing goes on, and the job restores from its checkpoint and ends with a
   store equal to the backfill of everything published.
@@ -444,6 +445,36 @@ class Expected:
         if dead != self.dead:
             differences.append(f"dead letters: {len(dead)} kinds, backfill {len(self.dead)}")
         return differences
+
+
+@pytest.mark.slow
+@pytest.mark.flink
+def test_the_kafka_job_reads_when_a_checkpoint_lands_in_its_first_bundle(
+    request, flink_stack, kafka_bootstrap, postgres_url, tmp_path
+):
+    """Checkpoints every 300 ms put a barrier inside the read's first bundle (Impulse ->
+    ListPartitions). Finished inside the snapshot, that bundle's one output stayed in operator
+    state and the read never started; the profile ends bundles before barriers instead."""
+    from pg_local import fresh_database
+
+    rest = FlinkRest(flink_stack[1].endpoints["rest"])
+    scenario = kafka_helpers.prepare(tmp_path, kafka_bootstrap, packets=300, seed=5)
+    kafka_helpers.publish(kafka_bootstrap, scenario.topic, scenario.phase1)
+    ends = kafka_helpers.end_offsets(kafka_bootstrap, scenario.topic, kafka_helpers.PARTITIONS)
+    runner_args = [*flink_args(request, flink_stack), "--checkpointing_interval=300"]
+    command = kafka_helpers.run_command(
+        scenario, fresh_database(postgres_url), runner_args, stop_when_idle=None
+    )
+    process = kafka_helpers.start_run(command, tmp_path / "run.log")
+    try:
+        rest.wait_new_job(process, timeout=300)
+        # Without the option: 3 of 3 such starts never committed anything in 60 s.
+        assert kafka_helpers.wait_committed(scenario, ends, process, timeout=90), (
+            f"the first records were never committed; see {tmp_path / 'run.log'}"
+        )
+    finally:
+        rest.cancel_new()
+        kafka_helpers.stop(process)
 
 
 @pytest.mark.slow

@@ -124,6 +124,14 @@ def test_portable_profile_is_bounded_only(capsys):
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize("profile", ["flink", "local-flink"])
+def test_flink_streaming_ends_bundles_before_checkpoint_barriers(profile):
+    """A bundle finished inside a snapshot keeps its output in operator state until the stage
+    sees another element or watermark, which the Kafka read's first stage never does."""
+    assert "--finish_bundle_before_checkpointing" in profile_args(profile, streaming=True)
+    assert "--finish_bundle_before_checkpointing" not in profile_args(profile, streaming=False)
+
+
 def test_flink_profile_batch_and_streaming():
     batch = profile_args("flink", streaming=False)
     stream = profile_args("flink", streaming=True)
