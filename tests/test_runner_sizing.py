@@ -7,13 +7,22 @@ check the rule and that ``backfill`` applies it before the job is built.
 
 from __future__ import annotations
 
+import http.server
+import json
+import threading
+
 import pytest
 from apache_beam.options.pipeline_options import FlinkRunnerOptions, PipelineOptions
 
 from qis_beam.cli import main
 from qis_beam.positions import ASSUMED_RECORD_BYTES
 from qis_beam.runners import sizing
-from qis_beam.runners.sizing import RECORDS_PER_SUBTASK, flink_backfill_parallelism
+from qis_beam.runners.sizing import (
+    CALIBRATION_SLOT_HEAP,
+    RECORDS_PER_SUBTASK,
+    flink_backfill_parallelism,
+    slot_task_heap,
+)
 
 FLINK = ["--runner=FlinkRunner", "--flink_master=127.0.0.1:1"]
 
@@ -86,3 +95,68 @@ def test_backfill_sizes_flink_before_the_job(given, expected, warns, tmp_path, m
     err = capsys.readouterr().err
     assert ("warning:" in err) == warns
     assert ("--parallelism=4" in err) == (expected == 4 or warns)
+
+
+@pytest.fixture
+def flink_rest():
+    """A stand-in for Flink's REST API on loopback: serves ``body`` at ``/taskmanagers``."""
+    served = {"body": b"{}"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = served["body"] if self.path == "/taskmanagers" else b""
+            self.send_response(200 if body else 404)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield served, f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def taskmanager(task_heap: int, slots: int) -> dict:
+    return {"slotsNumber": slots, "memoryConfiguration": {"taskHeap": task_heap}}
+
+
+def test_the_bound_follows_the_clusters_smallest_task_heap_per_slot(flink_rest):
+    served, master = flink_rest
+    # Slots of twice and four times the local stack's task heap: the smaller one counts.
+    served["body"] = json.dumps(
+        {
+            "taskmanagers": [
+                taskmanager(8 * CALIBRATION_SLOT_HEAP, 2),
+                taskmanager(8 * CALIBRATION_SLOT_HEAP, 4),
+            ]
+        }
+    ).encode()
+    assert slot_task_heap(master) == 2 * CALIBRATION_SLOT_HEAP
+    options = PipelineOptions(["--runner=FlinkRunner", f"--flink_master={master}"])
+    note = flink_backfill_parallelism(options, bytes_for(5 * RECORDS_PER_SUBTASK), False)
+    assert parallelism(options) == 3  # 40M records at 16M a subtask, not 5 at 8M
+    assert note is not None and f"{2 * RECORDS_PER_SUBTASK:,} a subtask" in note
+
+
+@pytest.mark.parametrize(
+    "body", [b"not json", b'{"taskmanagers": [{"slotsNumber": 2}]}', b'{"taskmanagers": []}']
+)
+def test_an_unreadable_cluster_keeps_the_local_bound(flink_rest, body):
+    served, master = flink_rest
+    served["body"] = body
+    assert slot_task_heap(master) is None
+    options = PipelineOptions(["--runner=FlinkRunner", f"--flink_master={master}"])
+    flink_backfill_parallelism(options, bytes_for(5 * RECORDS_PER_SUBTASK), False)
+    assert parallelism(options) == 5
+
+
+@pytest.mark.parametrize("master", [None, "[auto]", "[local]", "127.0.0.1:1"])
+def test_no_rest_api_to_ask(master):
+    assert slot_task_heap(master) is None
