@@ -19,15 +19,13 @@ where it does not, the local stack's bound stands.
 
 from __future__ import annotations
 
-import json
-import urllib.request
-
 from apache_beam.options.pipeline_options import (
     FlinkRunnerOptions,
     PipelineOptions,
     StandardOptions,
 )
 
+from qis_beam.flink_rest import taskmanagers
 from qis_beam.jobs import is_flink
 from qis_beam.positions import estimated_records
 
@@ -45,16 +43,13 @@ def slot_task_heap(flink_master: str | None) -> int | None:
     ``flink_master`` is not a REST address that answers (``[auto]``, ``[local]``, down)."""
     if not flink_master or flink_master.startswith("["):
         return None
-    base = flink_master if "://" in flink_master else f"http://{flink_master}"
     try:
-        with urllib.request.urlopen(f"{base}/taskmanagers", timeout=REST_TIMEOUT_S) as reply:
-            taskmanagers = json.load(reply)["taskmanagers"]
         heaps = [
             tm["memoryConfiguration"]["taskHeap"] // tm["slotsNumber"]
-            for tm in taskmanagers
+            for tm in taskmanagers(flink_master, REST_TIMEOUT_S)
             if tm.get("slotsNumber")
         ]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return min(heaps) if heaps else None
 

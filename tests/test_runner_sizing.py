@@ -146,7 +146,8 @@ def test_the_bound_follows_the_clusters_smallest_task_heap_per_slot(flink_rest):
 
 
 @pytest.mark.parametrize(
-    "body", [b"not json", b'{"taskmanagers": [{"slotsNumber": 2}]}', b'{"taskmanagers": []}']
+    "body",
+    [b"not json", b"[]", b'{"taskmanagers": [{"slotsNumber": 2}]}', b'{"taskmanagers": []}'],
 )
 def test_an_unreadable_cluster_keeps_the_local_bound(flink_rest, body):
     served, master = flink_rest

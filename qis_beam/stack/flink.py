@@ -9,15 +9,14 @@ copy of ``conf/`` (the cached distribution is never written to).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
-import urllib.request
 from pathlib import Path
 
 import yaml
 
+from qis_beam.flink_rest import taskmanagers
 from qis_beam.stack.fetch import fetch_flink, require_tool
 from qis_beam.stack.ports import port_open
 from qis_beam.stack.procs import spawn
@@ -184,9 +183,7 @@ def start_taskmanager(piece: Piece, number: int) -> Proc:
 def registered_taskmanagers(rest_url: str) -> dict[str, int]:
     """Resource id -> slots of every TaskManager the JobManager lists (dead ones included
     until their heartbeat times out)."""
-    with urllib.request.urlopen(f"{rest_url}/taskmanagers", timeout=3) as response:
-        listed = json.load(response).get("taskmanagers", [])
-    return {tm["id"]: tm.get("slotsNumber", 0) for tm in listed}
+    return {tm["id"]: tm.get("slotsNumber", 0) for tm in taskmanagers(rest_url)}
 
 
 def healthy(piece: Piece) -> bool:
