@@ -24,6 +24,7 @@ Bounded size (the accumulator does not grow with the number of packets):
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -337,7 +338,7 @@ class Synthesis:
         for a in self._approaches.values():
             if a.n < min_support:
                 continue
-            a_succ = (1.0 + a.ss) / (2.0 + a.ss + a.fs)
+            a_succ = _ratio(1.0 + a.ss, 2.0 + a.ss + a.fs)
             a_mean = a.wd / a.tw if a.tw > 0.0 else None
             ranked.append((rank_key(a.approach_id, a_succ, a_mean), a, a_mean, a_succ))
         ranked.sort()
@@ -362,7 +363,7 @@ class Synthesis:
             "delta_variance": var,
             "success_alpha": alpha,
             "success_beta": beta,
-            "success_mean": alpha / (alpha + beta),
+            "success_mean": _ratio(alpha, alpha + beta),
             "outcome_counts": {name: self.outcome_counts[t] for t, name in OUTCOME_NAMES.items()},
             "approaches": approaches,
             "recommended_approach": approaches[0]["approach_id"] if approaches else None,
@@ -399,6 +400,13 @@ class Synthesis:
             f"Synthesis(n_packets={self.n_packets}, n_nodes={self.n_nodes}, "
             f"approaches={len(self._approaches)}, template_id={self.template_id!r})"
         )
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``, nan where the denominator is 0. Sums of non-negative
+    weights keep the success denominators >= 2; only a state no fold writes (negative sums
+    decoded from bytes) reaches 0, and reading it must not raise."""
+    return numerator / denominator if denominator else math.nan
 
 
 def _unpickle(data: bytes, *caps: int) -> Synthesis:
