@@ -31,7 +31,7 @@ from qis_beam import stack
 from qis_beam.runners.profiles import LOCAL_FLINK_VERSION, missing_options, profile_args
 from qis_beam.stack.digests import DigestMismatch, sha256_of
 from qis_beam.stack.download import fetch_file
-from qis_beam.stack.flink import LOCAL_JVM_OPTIONS, registered_taskmanagers
+from qis_beam.stack.flink import LOCAL_JVM_OPTIONS, fresh_scratch, registered_taskmanagers
 from qis_beam.stack.pins import pins
 from qis_beam.stack.procs import alive, spawn, start_ticks, stop
 from qis_beam.stack.state import Proc
@@ -202,6 +202,25 @@ def test_job_server_is_published_only_from_locked_jars_and_rechecked(tmp_path, m
 
 
 # --- processes -----------------------------------------------------------------------------
+
+
+def test_a_flink_start_empties_scratch_and_keeps_checkpoints_and_savepoints(tmp_path):
+    blob = tmp_path / "tmp" / "tm_qis-tm-1" / "blobStorage" / "job_1" / "blob_p-1"
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"a finished job's jar")
+    (tmp_path / "web-upload").mkdir()
+    (tmp_path / "web-upload" / "old.jar").write_bytes(b"jar")
+    kept = [tmp_path / "checkpoints" / "chk-1" / "_metadata", tmp_path / "savepoints" / "sp-1"]
+    for path in kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"state")
+
+    fresh_scratch(tmp_path)
+
+    for sub in ("tmp", "web-tmp", "web-upload"):
+        assert list((tmp_path / sub).iterdir()) == [], sub
+    assert (tmp_path / "log").is_dir()
+    assert all(path.read_bytes() == b"state" for path in kept)
 
 
 def test_stop_never_signals_a_reused_pid(tmp_path):
