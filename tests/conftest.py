@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+
+import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -47,6 +50,21 @@ def make_record(key: NodeKey | None = None, **fields) -> bytes:
 def fnapi_options(**extra) -> PipelineOptions:
     """Bounded pipelines in tests always name their runner (a bare DirectRunner tries Prism)."""
     return PipelineOptions([], runner="FnApiRunner", **extra)
+
+
+@pytest.fixture
+def unrun_pipeline():
+    """Makes pipelines that are built for their protos and never run: Beam gives each one a
+    temporary folder that only ``run()`` removes, so this removes it when the test ends."""
+    made: list[beam.Pipeline] = []
+
+    def make(options: PipelineOptions) -> beam.Pipeline:
+        made.append(beam.Pipeline(options=options))
+        return made[-1]
+
+    yield make
+    for pipeline in made:
+        shutil.rmtree(pipeline.local_tempdir, ignore_errors=True)
 
 
 @pytest.fixture

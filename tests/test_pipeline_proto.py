@@ -94,9 +94,9 @@ def has_processing_time(trigger) -> bool:
     return any(has_processing_time(child) for child in children)
 
 
-def test_backfill_proto_keys_and_triggers(tmp_path):
+def test_backfill_proto_keys_and_triggers(tmp_path, unrun_pipeline):
     (tmp_path / "packets-0.tfrecord").write_bytes(b"")
-    pipeline = beam.Pipeline(options=PipelineOptions([], runner="FnApiRunner"))
+    pipeline = unrun_pipeline(PipelineOptions([], runner="FnApiRunner"))
     build_backfill(pipeline, str(tmp_path / "*.tfrecord"), str(tmp_path / "out"), Settings())
     proto = pipeline.to_runner_api()
     found = list(keyed_inputs(proto))
@@ -124,9 +124,9 @@ BACKFILL_SHUFFLES = {
 SINGLE_KEY_TRANSFORMS = ("KeyWithVoid", "CombineGlobally", "Globally", "ToList")
 
 
-def test_backfill_has_no_single_key_stage(tmp_path):
+def test_backfill_has_no_single_key_stage(tmp_path, unrun_pipeline):
     (tmp_path / "packets-0.tfrecord").write_bytes(b"")
-    pipeline = beam.Pipeline(options=PipelineOptions([], runner="FnApiRunner"))
+    pipeline = unrun_pipeline(PipelineOptions([], runner="FnApiRunner"))
     build_backfill(pipeline, str(tmp_path / "*.tfrecord"), str(tmp_path / "out"), Settings())
     transforms = pipeline.to_runner_api().components.transforms.values()
     ours = [t for t in transforms if "/WriteImpl/" not in t.unique_name]
@@ -141,9 +141,9 @@ def test_backfill_has_no_single_key_stage(tmp_path):
     } == set(BACKFILL_SHUFFLES)
 
 
-def test_streaming_proto_uses_portable_state_and_deterministic_keys(tmp_path):
+def test_streaming_proto_uses_portable_state_and_deterministic_keys(tmp_path, unrun_pipeline):
     windows = WindowSettings(early_firing_count=10, early_firing_delay_ms=30_000)
-    pipeline = beam.Pipeline(options=PipelineOptions([], streaming=True))
+    pipeline = unrun_pipeline(PipelineOptions([], streaming=True))
     records = pipeline | TestStream().with_output_types(tuple[bytes, str])
     build_streaming_graph(
         records, str(tmp_path), Settings(windows=windows), write=WriteJsonLinesOnDrain, tally=True
@@ -163,10 +163,10 @@ def test_streaming_proto_uses_portable_state_and_deterministic_keys(tmp_path):
     assert any(has_processing_time(s.trigger) for s in strategies)
 
 
-def test_streaming_state_is_never_pickled(tmp_path):
+def test_streaming_state_is_never_pickled(tmp_path, unrun_pipeline):
     """Every state cell of the streaming graph uses a standard coder: no PickleCoder (nor any
     Python-pickled coder), so state survives SDK upgrades, savepoints and pipeline updates."""
-    pipeline = beam.Pipeline(options=PipelineOptions([], streaming=True))
+    pipeline = unrun_pipeline(PipelineOptions([], streaming=True))
     records = pipeline | TestStream().with_output_types(tuple[bytes, str])
     build_streaming_graph(records, str(tmp_path), Settings(), write=WriteJsonLinesOnDrain)
     components = pipeline.to_runner_api().components
@@ -225,7 +225,7 @@ def stream_state(proto) -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize("kind", ["pubsub", "kafka"])
-def test_stateful_step_labels_of_the_stream_are_pinned(tmp_path, kind):
+def test_stateful_step_labels_of_the_stream_are_pinned(tmp_path, kind, unrun_pipeline):
     """The ``run`` graph, with the store sink: its stateful steps and their cells are exactly
     the committed ones."""
     from qis_beam.pipelines.run import SourceSettings, build_run
@@ -234,7 +234,7 @@ def test_stateful_step_labels_of_the_stream_are_pinned(tmp_path, kind):
         "pubsub": SourceSettings(kind="pubsub", topic="projects/qis-dry-run/topics/packets"),
         "kafka": SourceSettings(kind="kafka", topic="packets", bootstrap_servers="127.0.0.1:1"),
     }[kind]
-    pipeline = beam.Pipeline(options=PipelineOptions(["--streaming"]))
+    pipeline = unrun_pipeline(PipelineOptions(["--streaming"]))
     build_run(pipeline, source, str(tmp_path), Settings(), store_url=f"sqlite://{tmp_path}/s.db")
     assert stream_state(pipeline.to_runner_api()) == STREAM_STATE
 

@@ -194,7 +194,7 @@ def test_backfill_default_store_is_unchanged(tmp_path):
         assert a.latest(address) == b.latest(address) and a.latest(address)["n_packets"] == 1
 
 
-def test_run_store_flag_wires_a_stably_labelled_sink(capsys):
+def test_run_store_flag_wires_a_stably_labelled_sink(capsys, unrun_pipeline):
     """`qis-beam run --store URL` adds WriteSynthesisToStore to the streaming job (Dataflow
     dry run: translated offline; nothing connects to the store)."""
     from apache_beam.options.pipeline_options import PipelineOptions as Options
@@ -218,7 +218,7 @@ def test_run_store_flag_wires_a_stably_labelled_sink(capsys):
     args = ["run", "--input-topic", topic, "--output", "gs://qis-dry-run/out", "--store", url]
     assert main([*args, *dry]) == 0
     assert "translated the job (JOB_TYPE_STREAMING" in capsys.readouterr().out
-    pipeline = beam.Pipeline(options=Options(["--streaming"]))
+    pipeline = unrun_pipeline(Options(["--streaming"]))
     source = SourceSettings(kind="pubsub", topic=topic)
     build_run(pipeline, source, "gs://qis-dry-run/out", Settings(), store_url=url)
     names = {t.unique_name for t in pipeline.to_runner_api().components.transforms.values()}
