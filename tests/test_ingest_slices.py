@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qis_beam.dedupe import ENTRY, shard_of, shards_for
-from qis_beam.transforms.ingest import RANGE, SLICE_ENTRIES, _ValidateBatchFn, flush_entries
+from qis_beam.transforms.ingest import (
+    RANGE,
+    SLICE,
+    SLICE_ENTRIES,
+    _ValidateBatchFn,
+    flush_entries,
+)
 
 # A flush: distinct ranges as (file number, start, entry count).
 ranges_strategy = st.lists(
@@ -51,7 +57,8 @@ def test_every_entry_reaches_its_shard_once_with_its_range(shards, ranges, seed)
     fn, expected = _buffered(shards, ranges, seed)
     got = []
     keys = []
-    for key, (files, table, data) in fn._slices():
+    for key, (kind, (files, table, data)) in fn._slices():
+        assert kind == SLICE
         keys.append(key)
         rows = np.frombuffer(table, dtype=RANGE)
         entries = np.frombuffer(data, dtype=ENTRY)

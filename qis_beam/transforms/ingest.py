@@ -10,13 +10,18 @@ No funnel and no raw records in the shuffle:
    packet_id (many keys, sized from the input: see :func:`qis_beam.dedupe.shards_for`), in
    slices buffered across the bundle (at most 2**18 entries, 6 MiB, in all; up to 2**21 with
    more than 1024 shards), so a shuffled element is at most a batch's worth. Each range
-   also emits its descriptor: where it is and which of its records were invalid.
+   also emits its descriptor (where it is and which of its records were invalid), and each
+   invalid record a compact dead letter (reason, detail and position, not the record), into
+   the same shuffle: Flink's batch runner writes a stage's whole output once for each of its
+   outputs, so the validation stage has one.
 2. ``Dedupe`` gets all copies of its packet_ids. Prefixes seen once are kept without a look;
    repeated ones with one digest keep the copy at the smallest position (the others are
    duplicates); repeated ones with different digests have their raw records read back from
    their positions and the exact rule applied per real packet_id (smallest payload kept,
    other payloads are ``conflicting_duplicate`` dead letters carrying the raw record). It
-   emits, per range, the offsets of the copies not to fold. The shards are spread over
+   emits, per range, the offsets of the copies not to fold, passes the descriptors on, and
+   completes validation's dead letters with their records, read back from their positions.
+   The shards are spread over
    independent shuffles of ~1M entries each (:func:`qis_beam.dedupe.parts_for`), so a local
    runner never holds one shuffle of the whole input.
 3. ``GatherRanges`` brings each range's descriptor and drop lists together; the fold
@@ -29,7 +34,9 @@ Memory: the shuffles hold 24 bytes per valid copy plus a few per range, not the 
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -53,10 +60,15 @@ from qis_beam.transforms.read import RecordBatch
 from qis_beam.validation import DUPLICATE_REASON, ValidationPolicy, validate_many
 from qis_beam.wire import decode_packet, payload_of
 
-RANGES = "ranges"
-# Dedupe shuffle element: (files, RANGE array bytes, ENTRY array bytes); an entry's "range"
+# Dedupe shuffle slice: (files, RANGE array bytes, ENTRY array bytes); an entry's "range"
 # indexes the ranges, a range's "path" the files. ~12 bytes per range, 24 per copy.
 Slice = tuple[list[str], bytes, bytes]
+# What the dedupe shuffle carries, keyed by shard: (SLICE, Slice), (DESCRIPTOR, (range key,
+# RangePart)) or (DEAD_LETTER, Rejection). One output for the validation stage, see above.
+Shuffled = tuple[int, Any]
+# An invalid record's dead letter without its record: (reason, detail, packet_id, file, offset).
+Rejection = tuple[str, str, bytes | None, str, int]
+SLICE, DESCRIPTOR, DEAD_LETTER = 0, 1, 2
 RANGE = np.dtype([("path", "<u4"), ("start", "<u8")])
 # Fold shuffle element, keyed by range key: a descriptor (end offset, valid records, packed
 # uint32 offsets of invalid records relative to the start) or a drop list (DROPS, 0, packed
@@ -93,6 +105,12 @@ def _relative(offsets: Iterable[int]) -> bytes:
     return np.fromiter(offsets, dtype="<u4").tobytes()
 
 
+def spread_key(token: bytes, shards: int) -> str:
+    """The dedupe shard that carries a range's descriptor or a dead letter (CRC-32 of its
+    range key or position; any shard will do, spread so none gathers many)."""
+    return str(zlib.crc32(token) % shards)
+
+
 class _ValidateBatchFn(beam.DoFn):
     def __init__(self, policy: ValidationPolicy, shards: int):
         self._policy = policy
@@ -117,16 +135,16 @@ class _ValidateBatchFn(beam.DoFn):
         policy = self._policy
         at = rel + HEADER_BYTES
         verdicts = validate_many(data, at, at + lengths, policy, policy.clock_ms(), self._verifier)
+        key = range_key(source, start)
         for i, verdict in verdicts.rejections:
-            record = data[at[i] : at[i] + lengths[i]]
-            yield TaggedOutput(
-                DEAD_LETTERS,
-                dead_letter(verdict.reason, verdict.detail, record, verdict.packet_id, source),
-            )
+            offset = start + int(rel[i])
+            rejection = (verdict.reason, verdict.detail, verdict.packet_id, source, offset)
+            token = b"%d@%s" % (offset, source.encode())
+            yield spread_key(token, self._shards), (DEAD_LETTER, rejection)
         invalid = rel[[i for i, _ in verdicts.rejections]]
         valid = len(verdicts.payloads)
-        key = range_key(source, start)
-        yield TaggedOutput(RANGES, (key, (start + len(data), valid, _relative(invalid))))
+        descriptor = (key, (start + len(data), valid, _relative(invalid)))
+        yield spread_key(key.encode(), self._shards), (DESCRIPTOR, descriptor)
         if not valid:
             return
         entries = np.empty(valid, dtype=ENTRY)
@@ -146,7 +164,7 @@ class _ValidateBatchFn(beam.DoFn):
         for element in self._slices():
             yield WindowedValue(element, MIN_TIMESTAMP, (GlobalWindow(),))
 
-    def _slices(self) -> Iterator[tuple[str, Slice]]:
+    def _slices(self) -> Iterator[tuple[str, Shuffled]]:
         """The buffered entries, one slice per shard, each with its own table of ranges.
 
         Vectorised over the flush: entries sorted by (shard, range) once, each slice's range
@@ -195,14 +213,34 @@ class _ValidateBatchFn(beam.DoFn):
         for i, shard in enumerate(pair_shard[shard_first_pair].tolist()):
             files = file_names[file_cuts[i] : file_cuts[i + 1]]
             rows = table_bytes[row_cuts[i] : row_cuts[i + 1]]
-            yield str(shard), (files, rows, entry_bytes[entry_cuts[i] : entry_cuts[i + 1]])
+            yield str(shard), (SLICE, (files, rows, entry_bytes[entry_cuts[i] : entry_cuts[i + 1]]))
 
 
 class _DedupeShardFn(beam.DoFn):
-    """All copies of one shard's packet_ids -> per range, the offsets not to fold."""
+    """All copies of one shard's packet_ids -> per range, the offsets not to fold; the
+    descriptors and dead letters the shard carried, passed on."""
 
-    def process(self, element: tuple[str, Iterable[Slice]]) -> Iterator:
-        _, slices = element
+    def process(self, element: tuple[str, Iterable[Shuffled]]) -> Iterator:
+        _, carried = element
+        slices, rejections = [], []
+        for kind, value in carried:
+            if kind == SLICE:
+                slices.append(value)
+            elif kind == DESCRIPTOR:
+                yield value
+            else:
+                rejections.append(value)
+        if rejections:
+            records = fetch_records([(path, offset) for *_, path, offset in rejections])
+            for reason, detail, packet_id, path, offset in rejections:
+                record = records[(path, offset)]
+                yield TaggedOutput(
+                    DEAD_LETTERS, dead_letter(reason, detail, record, packet_id, path)
+                )
+        if slices:
+            yield from self._dedupe(slices)
+
+    def _dedupe(self, slices: list[Slice]) -> Iterator:
         paths: list[str] = []
         range_paths, range_starts, arrays = [], [], []
         n_ranges = 0
@@ -250,8 +288,8 @@ class _DedupeShardFn(beam.DoFn):
 
 
 class _ShuffleAndDedupe(beam.PTransform):
-    """Slices -> drops (main) and dead letters, over ``parts`` independent shuffles of the
-    shards (see :func:`qis_beam.dedupe.parts_for`)."""
+    """Shuffled elements -> drops and descriptors (main) and dead letters, over ``parts``
+    independent shuffles of the shards (see :func:`qis_beam.dedupe.parts_for`)."""
 
     def __init__(self, parts: int):
         super().__init__()
@@ -267,7 +305,7 @@ class _ShuffleAndDedupe(beam.PTransform):
         deduped = [
             part
             # typed str keys: a deterministic key coder on every runner
-            | f"Typed{i}" >> beam.Map(lambda kv: kv).with_output_types(tuple[str, Slice])
+            | f"Typed{i}" >> beam.Map(lambda kv: kv).with_output_types(tuple[str, Shuffled])
             | f"Part{i}" >> beam.GroupByKey()
             | f"Dedupe{i}" >> beam.ParDo(_DedupeShardFn()).with_outputs(DEAD_LETTERS, main="drops")
             for i, part in enumerate(split)
@@ -288,17 +326,11 @@ class IngestBatches(beam.PTransform):
         self._parts = shuffle_parts
 
     def expand(self, batches):
-        validated = batches | "Validate" >> beam.ParDo(
-            _ValidateBatchFn(self._policy, self._shards)
-        ).with_outputs(DEAD_LETTERS, RANGES, main="entries")
-        drops, dedupe_dead = validated.entries | "ShuffleByPacketId" >> _ShuffleAndDedupe(
-            self._parts
-        )
+        shuffled = batches | "Validate" >> beam.ParDo(_ValidateBatchFn(self._policy, self._shards))
+        parts, dead = shuffled | "ShuffleByPacketId" >> _ShuffleAndDedupe(self._parts)
         ranges = (
-            (validated[RANGES], drops)
-            | "RangesAndDrops" >> beam.Flatten()
+            parts
             | "TypedRangeKey" >> beam.Map(lambda kv: kv).with_output_types(tuple[str, RangePart])
             | "GatherRanges" >> beam.GroupByKey()
         )
-        dead = (validated[DEAD_LETTERS], dedupe_dead) | "MergeDeadLetters" >> beam.Flatten()
         return ranges, dead
