@@ -28,7 +28,8 @@ No funnel and no raw records in the shuffle:
    (:class:`qis_beam.transforms.synthesize.FoldRanges`) re-reads the range and folds the rest.
 
 The verdict depends only on the set of copies, never on arrival order, bundling or sharding.
-Memory: the shuffles hold 24 bytes per valid copy plus a few per range, not the records.
+Memory: the shuffles hold 24 bytes per valid copy plus a few per range and per invalid record,
+not the records.
 """
 
 from __future__ import annotations
