@@ -124,7 +124,7 @@ def fresh_scratch(state: Path) -> None:
     The TaskManager's working directory (under ``tmp``, named by its fixed resource id) keeps
     each job's blobs: the job server's 157 MB jar, once per job. A TaskManager killed before
     its blob cleanup left them there, and a new one SHA-1-checks every blob it finds before
-    it registers: with 12 GB from ~80 jobs the stack took 160-180 s to come up, not 10.
+    it registers: with 12 GB from ~80 jobs the stack took 160-180 s to come up, not ~28.
     """
     for sub in SCRATCH:
         shutil.rmtree(state / sub, ignore_errors=True)

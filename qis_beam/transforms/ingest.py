@@ -21,9 +21,9 @@ No funnel and no raw records in the shuffle:
    other payloads are ``conflicting_duplicate`` dead letters carrying the raw record). It
    emits, per range, the offsets of the copies not to fold, passes the descriptors on, and
    completes validation's dead letters with their records, read back from their positions.
-   The shards are spread over
-   independent shuffles of ~1M entries each (:func:`qis_beam.dedupe.parts_for`), so a local
-   runner never holds one shuffle of the whole input.
+   The shards are spread over independent shuffles of ~1M entries each
+   (:func:`qis_beam.dedupe.parts_for`), so a local runner never holds one shuffle of the
+   whole input.
 3. ``GatherRanges`` brings each range's descriptor and drop lists together; the fold
    (:class:`qis_beam.transforms.synthesize.FoldRanges`) re-reads the range and folds the rest.
 
@@ -140,8 +140,8 @@ class _ValidateBatchFn(beam.DoFn):
         for i, verdict in verdicts.rejections:
             offset = start + int(rel[i])
             rejection = (verdict.reason, verdict.detail, verdict.packet_id, source, offset)
-            token = b"%d@%s" % (offset, source.encode())
-            yield spread_key(token, self._shards), (DEAD_LETTER, rejection)
+            where = range_key(source, offset).encode()  # a record's position, as a key
+            yield spread_key(where, self._shards), (DEAD_LETTER, rejection)
         invalid = rel[[i for i, _ in verdicts.rejections]]
         valid = len(verdicts.payloads)
         descriptor = (key, (start + len(data), valid, _relative(invalid)))
