@@ -223,7 +223,8 @@ class _DedupeShardFn(beam.DoFn):
 
     def process(self, element: tuple[str, Iterable[Shuffled]]) -> Iterator:
         _, carried = element
-        slices, rejections = [], []
+        slices: list[Slice] = []
+        rejections: list[Rejection] = []
         for kind, value in carried:
             if kind == SLICE:
                 slices.append(value)
